@@ -28,13 +28,42 @@ $(SETUP_STAMP): pyproject.toml
 	touch $@
 
 .PHONY: test
-test: setup ## Run the whole test suite (unit, kernels, integration)
+test: setup check-proto ## Run the whole test suite (unit, kernels, integration)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: setup ## Run ruff (lint and format check)
+lint: setup ## Run buf lint, buf format and ruff (lint and format check)
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+PROTO_ROOT := proto
+PROTO_FILES := $(sort $(wildcard $(PROTO_ROOT)/twolane/v1/*.proto))
+# Python code, gRPC stubs and mypy type stubs, written beside the .proto files so
+# that `from twolane.v1 import x_pb2` resolves through the package mapping.
+PROTOC = $(PY) -m grpc_tools.protoc -I$(PROTO_ROOT) \
+	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+	--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	--python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
+	$(PROTO_FILES)
+# Lines that only record the generator's version; a newer grpcio-tools must not
+# make committed code look stale.
+GEN_VERSION_LINES := -I '^\# Protobuf Python Version' -I '^GRPC_GENERATED_VERSION' -I '^    [0-9]+,$$'
+
+.PHONY: proto
+proto: setup ## Generate the Python code for proto/ (commit the result)
+	$(call PROTOC,$(PROTO_ROOT))
+
+.PHONY: check-proto
+check-proto: setup ## Fail if the committed generated code differs from `make proto`
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(call PROTOC,$$tmp); \
+	stale=0; \
+	for f in $$tmp/twolane/v1/*; do \
+		diff -u $(GEN_VERSION_LINES) "$(PROTO_ROOT)/twolane/v1/$$(basename $$f)" "$$f" || stale=1; \
+	done; \
+	if [ $$stale -ne 0 ]; then echo "generated code is stale: run 'make proto' and commit" >&2; exit 1; fi
 
 .PHONY: fmt
 fmt: setup ## Format the code with ruff
