@@ -1,0 +1,1 @@
+"""Processes around the engine: the gRPC gateway, `twolane serve` and the CLI."""

@@ -1,0 +1,88 @@
+"""Typed errors that services raise; status.py turns each into its gRPC status code.
+
+Components outside the gateway (the batch lane's job store, auth) raise these
+instead of touching gRPC, so the mapping to status codes stays in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+class ServiceError(Exception):
+    """Base class; `code` is the gRPC status the caller sees."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad input field, named by its path in the request (`params.top_p`)."""
+
+    field: str
+    description: str
+
+
+class InvalidArgumentError(ServiceError):
+    """The request is malformed; `violations` name every offending field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        assert violations, "an InvalidArgumentError needs at least one violation"
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = tuple(violations)
+
+
+class NotFoundError(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPreconditionError(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnauthenticatedError(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhaustedError(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotConfiguredError(ServiceError):
+    """The RPC needs a component this server was started without."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class RequestDeadlineError(ServiceError):
+    """The request's deadline passed before it finished."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RequestAbortedError(ServiceError):
+    """The engine aborted the request (it was cancelled or the engine is stopping)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class RequestFailedError(ServiceError):
+    """The engine failed while running the request; not the caller's fault."""
+
+    code = grpc.StatusCode.INTERNAL

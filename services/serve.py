@@ -1,0 +1,119 @@
+"""`twolane serve`: the engine and the gRPC API in one process.
+
+Components start in an AsyncExitStack and stop in reverse order, so a later
+component (an embedded nats-server, the job worker) is added with one more
+`start_*` step and is torn down before the engine it depends on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from typing import TYPE_CHECKING
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from twolane.services.config import ServeConfig
+from twolane.services.gateway import InferenceServicer
+from twolane.services.jobs import JobService
+from twolane.services.logging import configure_logging
+from twolane.v1 import inference_pb2, inference_pb2_grpc
+
+if TYPE_CHECKING:
+    from twolane.scheduler.async_engine import AsyncEngine
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the gRPC API on one engine", description=__doc__.splitlines()[0]
+    )
+    ServeConfig.add_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = ServeConfig.from_args(args)
+    configure_logging(json=config.log_json, level=config.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight requests and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await start_engine(stack, config)
+        jobs = await start_jobs(stack, config, engine)
+        await start_grpc_server(stack, config, engine, jobs)
+        await stop.wait()
+        log.info("draining", grace_period_s=config.grace_period_s)
+    log.info("stopped")
+
+
+async def start_engine(stack: contextlib.AsyncExitStack, config: ServeConfig) -> AsyncEngine:
+    from twolane.scheduler.async_engine import AsyncEngine
+
+    log.info("loading model", model=config.model, device=config.device, dtype=config.dtype)
+    engine = AsyncEngine(config.engine_config())
+    await engine.start()
+    stack.push_async_callback(engine.shutdown)
+    stats = engine.stats()
+    log.info(
+        "engine started",
+        vocab_size=engine.vocab_size,
+        max_model_len=engine.max_model_len,
+        num_total_blocks=stats.num_total_blocks,
+    )
+    return engine
+
+
+async def start_jobs(
+    stack: contextlib.AsyncExitStack, config: ServeConfig, engine: AsyncEngine
+) -> JobService | None:
+    """The batch lane; none yet, so the job RPCs answer UNIMPLEMENTED."""
+    return None
+
+
+async def start_grpc_server(
+    stack: contextlib.AsyncExitStack,
+    config: ServeConfig,
+    engine: AsyncEngine,
+    jobs: JobService | None,
+) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(engine, jobs), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise OSError(f"could not bind {config.address}")
+    await server.start()
+
+    async def drain() -> None:
+        await health_servicer.enter_graceful_shutdown()
+        # New RPCs are refused at once; in-flight ones get the grace period.
+        await server.stop(config.grace_period_s)
+
+    stack.push_async_callback(drain)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("listening", host=config.host, port=port, address=f"{config.host}:{port}")
+    return server

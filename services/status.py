@@ -1,0 +1,115 @@
+"""The one place where exceptions become gRPC status codes.
+
+Every servicer method is wrapped with `grpc_errors`. Bad input surfaces as
+INVALID_ARGUMENT with `google.rpc.BadRequest` details naming the fields; an
+unexpected exception is logged with its traceback here and reaches the client
+only as a terse INTERNAL status, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from twolane.scheduler.errors import EngineStoppedError, InvalidRequestError, QueueFullError
+from twolane.services.errors import FieldViolation, InvalidArgumentError, ServiceError
+
+log = structlog.get_logger(__name__)
+
+_ENGINE_CODES: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineStoppedError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def to_status(exc: Exception) -> grpc.Status:
+    """The status a caller sees for `exc`."""
+    violations: tuple[FieldViolation, ...] = ()
+    if isinstance(exc, InvalidArgumentError):
+        violations = exc.violations
+    elif isinstance(exc, InvalidRequestError):
+        violations = (FieldViolation(exc.field, exc.description),)
+
+    if isinstance(exc, ServiceError):
+        code, message = exc.code, str(exc)
+    else:
+        code = next((c for t, c in _ENGINE_CODES.items() if isinstance(exc, t)), None)
+        if code is None:
+            # The details of an unexpected failure stay in the server log.
+            code, message = grpc.StatusCode.INTERNAL, "internal error"
+        else:
+            message = str(exc)
+    if not message:
+        message = code.name.lower().replace("_", " ")
+    return _status(code, message, violations)
+
+
+def _status(
+    code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...]
+) -> grpc.Status:
+    details = []
+    if violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        details.append(packed)
+    rpc_code = code_pb2.Code.Value(code.name)
+    return rpc_status.to_status(status_pb2.Status(code=rpc_code, message=message, details=details))
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def grpc_errors(handler: Handler) -> Handler:
+    """Wrap a unary or server-streaming aio handler so errors become statuses."""
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream_wrapper(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            try:
+                async for message in handler(self, request, context):
+                    yield message
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, handler.__name__, exc)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, handler.__name__, exc)
+
+    return unary_wrapper  # type: ignore[return-value]
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    status = to_status(exc)
+    if status.code is grpc.StatusCode.INTERNAL and not isinstance(exc, ServiceError):
+        log.exception("unhandled error", method=method)
+    else:
+        log.info("request failed", method=method, code=status.code.name, error=status.details)
+    await context.abort_with_status(status)
