@@ -1,1 +1,1 @@
-"""Engine core: requests, sequences, the paged-KV block manager, the scheduler and the engine loop."""
+"""Engine core: requests, sequences, paged-KV block manager, scheduler and engine loop."""
