@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,8 +80,151 @@ class TorchAttentionBackend:
         )
 
 
+class TritonAttentionBackend:
+    """The GPU path: Triton kernels for the store, decode and prefill.
+
+    Triton is imported here rather than at module import, so that CPU serving
+    works without it. When `flash_attn_varlen` is given (flash-attn installed,
+    CUDA), prefill steps where no sequence has a cached prefix run through it on
+    the step's own K/V; steps with a cached prefix read the paged cache with the
+    Triton prefill kernel.
+    """
+
+    name = "triton"
+
+    def __init__(self, flash_attn_varlen: Callable[..., torch.Tensor] | None = None) -> None:
+        from twolane.kernels.triton_decode import paged_attention_decode
+        from twolane.kernels.triton_prefill import paged_prefill_attention
+        from twolane.kernels.triton_store import store_kv_cache
+
+        self._store = store_kv_cache
+        self._decode = paged_attention_decode
+        self._prefill = paged_prefill_attention
+        self._flash_attn_varlen = flash_attn_varlen
+        # One step's metadata is shared by every layer, so its prefix check runs once.
+        self._checked_meta: AttentionMetadata | None = None
+        self._checked_has_prefix = True
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self._store(key, value, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            return self._decode(
+                query,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                max_seq_len=meta.max_seq_len,
+            )
+        if self._can_use_flash_attn(query, meta):
+            return self._flash_attn_varlen(
+                query,
+                key,
+                value,
+                cu_seqlens_q=meta.query_start_loc,
+                cu_seqlens_k=meta.query_start_loc,
+                max_seqlen_q=meta.max_query_len,
+                max_seqlen_k=meta.max_query_len,
+                softmax_scale=scale,
+                causal=True,
+            )
+        return self._prefill(
+            query,
+            k_cache,
+            v_cache,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            scale,
+            max_query_len=meta.max_query_len,
+        )
+
+    def _can_use_flash_attn(self, query: torch.Tensor, meta: AttentionMetadata) -> bool:
+        if self._flash_attn_varlen is None or query.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        return not self._has_cached_prefix(meta)
+
+    def _has_cached_prefix(self, meta: AttentionMetadata) -> bool:
+        """Whether some sequence attends to tokens cached before this step."""
+        if meta.max_seq_len > meta.max_query_len:
+            return True  # the longest sequence cannot be all new tokens
+        if self._checked_meta is not meta:
+            query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+            self._checked_has_prefix = bool((meta.seq_lens != query_lens).any())
+            self._checked_meta = meta
+        return self._checked_has_prefix
+
+
 def get_attention_backend(name: str, device: str) -> AttentionBackend:
-    """Pick a backend. `name` is "auto" (torch on CPU), or "torch"."""
-    if name in ("auto", "torch") and (device == "cpu" or name == "torch"):
+    """Pick a backend.
+
+    Args:
+        name: "auto" (torch on CPU, Triton on CUDA), "torch" or "triton". Triton
+            on CPU runs only in Triton's interpreter (`TRITON_INTERPRET=1`), which
+            is slow and meant for tests.
+        device: the device the model runs on, "cpu" or "cuda[:N]".
+
+    Raises:
+        ValueError: unknown name, or Triton requested where it cannot run.
+    """
+    device_type = torch.device(device).type
+    if name == "torch" or (name == "auto" and device_type == "cpu"):
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r} for device {device!r}; known: torch")
+    if name == "auto" and device_type == "cuda":
+        return _triton_backend(device_type) if _triton_available() else TorchAttentionBackend()
+    if name == "triton":
+        if not _triton_available():
+            raise ValueError("attention backend 'triton' needs the triton package installed")
+        if device_type == "cpu" and not _triton_interpreting():
+            raise ValueError(
+                "attention backend 'triton' on cpu runs only in Triton's interpreter; "
+                "set TRITON_INTERPRET=1 before starting, or use 'torch'"
+            )
+        return _triton_backend(device_type)
+    raise ValueError(
+        f"unknown attention backend {name!r} for device {device!r}; known: auto, torch, triton"
+    )
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_backend(device_type: str) -> TritonAttentionBackend:
+    backend = TritonAttentionBackend(_load_flash_attn() if device_type == "cuda" else None)
+    if device_type == "cpu":
+        from twolane.kernels.triton_decode import is_interpreted
+
+        if not is_interpreted():
+            raise ValueError(
+                "the Triton kernels were imported before TRITON_INTERPRET=1 was set, "
+                "so they cannot run on cpu"
+            )
+    return backend
+
+
+def _load_flash_attn() -> Callable[..., torch.Tensor] | None:
+    """flash-attn's varlen kernel when the optional `gpu` extra is installed and loads."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except (ImportError, OSError):
+        return None
+    return flash_attn_varlen_func
