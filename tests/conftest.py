@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Test helpers (checkpoints.py) import as plain modules.
+sys.path.insert(0, str(Path(__file__).parent))
+# A private cache for the built-in model, so tests never depend on the user's cache.
+os.environ.setdefault("TWOLANE_CACHE_DIR", str(Path(__file__).parent.parent / ".cache" / "test"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from checkpoints import make_llama
+
+    return make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from checkpoints import make_qwen2
+
+    return make_qwen2(tmp_path_factory.mktemp("qwen2"))
