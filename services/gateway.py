@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+_NO_DEADLINE_S = 365 * 24 * 3600.0
+
 _NO_JOBS = (
     "the batch lane is not configured on this server: "
     "SubmitJob, GetResult and CancelJob are unavailable"
@@ -140,6 +142,7 @@ def _raise_for_finish(request_id: str, out: RequestOutput) -> None:
 def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
     """The RPC's deadline on the engine's clock (time.monotonic), if it has one."""
     remaining_s = context.time_remaining()
-    if remaining_s is None:
+    # Without a deadline gRPC reports None or an effectively infinite time.
+    if remaining_s is None or remaining_s > _NO_DEADLINE_S:
         return None
     return time.monotonic() + remaining_s

@@ -1,0 +1,101 @@
+"""Helpers to run `twolane serve` as a real subprocess on loopback and to watch its engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from twolane.v1 import inference_pb2, inference_pb2_grpc
+
+TWOLANE = str(Path(sys.executable).with_name("twolane"))
+STARTUP_TIMEOUT_S = 180.0
+_PORT_IN_CONSOLE_LINE = re.compile(r"\bport=(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    """A `twolane serve` subprocess and everything it has logged so far."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    port: int | None = None
+    _listening: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return "".join(self.lines)
+
+    def _read_output(self) -> None:
+        # Reading continuously also keeps the pipe from filling and blocking the server.
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if self.port is None and "listening" in line:
+                self.port = _listening_port(line)
+                self._listening.set()
+        self._listening.set()
+
+    def wait_listening(self) -> None:
+        self._listening.wait(STARTUP_TIMEOUT_S)
+        if self.port is None:
+            self.stop()
+            pytest.fail(f"twolane serve did not report a port; its output:\n{self.log_text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _listening_port(line: str) -> int | None:
+    if line.lstrip().startswith("{"):
+        return int(json.loads(line)["port"])
+    match = _PORT_IN_CONSOLE_LINE.search(line)
+    return int(match.group(1)) if match else None
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start `twolane serve --port 0 ARGS` and wait for its `listening` line."""
+    proc = subprocess.Popen(
+        [TWOLANE, "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    server = ServerProcess(proc)
+    threading.Thread(target=server._read_output, daemon=True).start()
+    server.wait_listening()
+    return server
+
+
+async def wait_until_idle(
+    stub: inference_pb2_grpc.InferenceServiceStub, timeout_s: float = 30.0
+) -> inference_pb2.GetStatsResponse:
+    """Poll GetStats until no request runs, waits or holds a KV block (or time runs out)."""
+    give_up_at = time.monotonic() + timeout_s
+    while True:
+        stats = await stub.GetStats(inference_pb2.GetStatsRequest())
+        idle = stats.num_running == 0 and stats.num_waiting == 0 and stats.num_used_blocks == 0
+        if idle or time.monotonic() > give_up_at:
+            return stats
+        await asyncio.sleep(0.05)
