@@ -1,0 +1,86 @@
+"""AsyncEngine: streams, early exit aborts, backpressure, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from twolane.scheduler.async_engine import AsyncEngine
+from twolane.scheduler.config import EngineConfig
+from twolane.scheduler.errors import EngineStoppedError, QueueFullError
+from twolane.scheduler.request import FinishReason, SamplingParams
+
+
+async def wait_for_idle(engine: AsyncEngine) -> None:
+    for _ in range(200):
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0 and stats.num_used_blocks == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"engine did not go idle: {engine.stats()}")
+
+
+async def test_streams_concurrent_requests_to_completion() -> None:
+    engine = AsyncEngine(EngineConfig(model="builtin", num_blocks=128))
+    await engine.start()
+    try:
+
+        async def run(i: int) -> tuple[int, FinishReason | None]:
+            stream = engine.add_request(
+                f"r{i}", prompt=f"q{i}", params=SamplingParams(max_tokens=5 + i)
+            )
+            tokens = []
+            async for out in stream:
+                tokens.extend(out.new_token_ids)
+            return len(tokens), out.finish_reason
+
+        results = await asyncio.gather(*(run(i) for i in range(8)))
+        assert results == [(5 + i, FinishReason.LENGTH) for i in range(8)]
+        await wait_for_idle(engine)
+    finally:
+        await engine.shutdown()
+
+
+async def test_leaving_a_stream_early_aborts_and_frees_blocks() -> None:
+    engine = AsyncEngine(EngineConfig(model="builtin", num_blocks=64))
+    await engine.start()
+    try:
+        stream = engine.add_request(
+            "early", prompt="tell me", params=SamplingParams(max_tokens=500, ignore_eos=True)
+        )
+        async for _ in stream:
+            break
+        await wait_for_idle(engine)
+    finally:
+        await engine.shutdown()
+
+
+async def test_waiting_queue_bound_refuses_at_once() -> None:
+    engine = AsyncEngine(EngineConfig(model="builtin", num_blocks=64, max_waiting_interactive=2))
+    await engine.start()
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    try:
+        streams = []
+        with pytest.raises(QueueFullError):
+            for i in range(50):
+                streams.append(engine.add_request(f"q{i}", prompt="x", params=params))
+        assert len(streams) >= 2
+        for s in streams:
+            s.close()
+        await wait_for_idle(engine)
+    finally:
+        await engine.shutdown()
+
+
+async def test_shutdown_aborts_in_flight_requests_and_refuses_new_ones() -> None:
+    engine = AsyncEngine(EngineConfig(model="builtin", num_blocks=64))
+    await engine.start()
+    stream = engine.add_request(
+        "long", prompt="go", params=SamplingParams(max_tokens=1000, ignore_eos=True)
+    )
+    await engine.shutdown()
+    outs = [out async for out in stream]
+    assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ABORT
+    with pytest.raises(EngineStoppedError):
+        engine.add_request("after", prompt="x", params=SamplingParams())
