@@ -77,7 +77,7 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(raw.get("rope_theta") or _rope_parameters(raw).get("rope_theta", 1e4)),
             rope_scaling=_parse_rope_scaling(raw),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            max_position_embeddings=_max_positions(raw),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             bos_token_id=raw.get("bos_token_id"),
@@ -90,6 +90,16 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def _max_positions(raw: dict[str, Any]) -> int:
+    max_positions = int(raw.get("max_position_embeddings", 2048))
+    window = raw.get("sliding_window")
+    # Attention here is always full; capping the context at the window keeps it exact
+    # for sliding-window checkpoints (Mistral v0.1) instead of silently wrong past it.
+    if window and raw.get("use_sliding_window", True):
+        return min(max_positions, int(window))
+    return max_positions
 
 
 def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
