@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import sys
 from typing import TYPE_CHECKING
 
 import grpc
@@ -41,9 +42,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = ServeConfig.from_args(args)
+    try:
+        config = ServeConfig.from_args(args)
+    except ValueError as exc:
+        print(f"twolane serve: {exc}", file=sys.stderr)
+        return 2
     configure_logging(json=config.log_json, level=config.log_level)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (OSError, ValueError) as exc:
+        # A missing model directory or a port in use: say so without a traceback.
+        log.error("startup failed", error=str(exc))
+        return 1
     return 0
 
 
@@ -102,9 +112,10 @@ async def start_grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.address)
-    if port == 0:
-        raise OSError(f"could not bind {config.address}")
+    try:
+        port = server.add_insecure_port(config.address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {config.address}: {exc}") from exc
     await server.start()
 
     async def drain() -> None:
