@@ -77,3 +77,7 @@ run: setup ## Start twolane on the built-in model with an embedded nats-server
 .PHONY: clean
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+.PHONY: gpu-check
+gpu-check: setup ## On one CUDA GPU: kernel tests compiled, decode vs SDPA and memory floor, engine tok/s
+	$(PY) bench/gpu_check.py

@@ -234,7 +234,7 @@ def paged_attention_decode(
         max_seq_len = int(seq_lens.max().item())
 
     group = num_heads // num_kv_heads
-    head_dim_p2 = triton.next_power_of_2(head_dim)
+    head_dim_p2 = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     partition_size, num_partitions = num_decode_partitions(
         num_seqs, num_kv_heads, max_seq_len, partition_size
     )

@@ -166,7 +166,7 @@ def paged_prefill_attention(
         return out
 
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    head_dim_p2 = triton.next_power_of_2(head_dim)
+    head_dim_p2 = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     block_m, block_n = _tile_sizes(query, head_dim_p2, max_query_len)
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     _prefill_kernel[grid](
