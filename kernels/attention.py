@@ -9,11 +9,8 @@ from typing import Protocol
 
 import torch
 
-from twolane.kernels.reference import (
-    paged_attention_decode_ref,
-    paged_prefill_attention_ref,
-    store_kv_cache_ref,
-)
+from twolane.kernels.reference import store_kv_cache_ref
+from twolane.kernels.torch_attention import paged_attention_decode_batched, paged_attention_mixed
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """The reference path; what CPU serving runs."""
+    """What CPU serving runs: batched torch decodes, reference prefill chunks."""
 
     name = "torch"
 
@@ -66,10 +63,10 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         store_kv_cache_ref(key, value, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
-            return paged_attention_decode_ref(
+            return paged_attention_decode_batched(
                 query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
             )
-        return paged_prefill_attention_ref(
+        return paged_attention_mixed(
             query,
             k_cache,
             v_cache,
