@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from twolane.scheduler.config import EngineConfig
 from twolane.services.logging import LOG_LEVELS
@@ -22,6 +23,101 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def default_data_dir() -> str:
+    """Where `twolane serve` keeps the embedded nats-server's JetStream store."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "twolane")
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """The batch lane: where NATS is and how jobs are kept, retried and pulled.
+
+    Args:
+        nats_url: NATS server URL; empty starts an embedded nats-server (serve only).
+        data_dir: the embedded nats-server's store lives in `<data_dir>/jetstream`,
+            and its URL is written to `<data_dir>/nats.url` for the CLI to find.
+        max_queued_jobs, max_queued_bytes: limits of the TWOLANE_JOBS stream; a
+            full stream refuses SubmitJob with RESOURCE_EXHAUSTED.
+        result_ttl_s: how long results and completion events are kept.
+        job_ttl_s: how long job records and idempotency keys are kept.
+        ack_wait_s: a worker that neither finishes a job nor reports progress for
+            this long loses it to another worker.
+        max_deliver: deliveries of one job before it is dead-lettered.
+        retry_backoff_s: delay before the first retry; it doubles each time.
+        max_batch_inflight: most batch jobs one worker runs at once; 0 takes the
+            engine's max_num_seqs.
+        fail_prompt_prefix: fault injection for tests, off when empty: a job whose
+            prompt starts with it fails on every attempt as if the engine had
+            failed (env TWOLANE_FAULT_FAIL_PROMPT_PREFIX only; no flag).
+    """
+
+    nats_url: str = ""
+    data_dir: str = field(default_factory=default_data_dir)
+    max_queued_jobs: int = 100_000
+    max_queued_bytes: int = 256 * 1024 * 1024
+    result_ttl_s: float = 24 * 3600.0
+    job_ttl_s: float = 7 * 24 * 3600.0
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+    retry_backoff_s: float = 1.0
+    max_batch_inflight: int = 0
+    fail_prompt_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued_jobs", "max_queued_bytes", "max_deliver"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("result_ttl_s", "job_ttl_s", "ack_wait_s"):
+            if getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be at least 1 second, got {getattr(self, name)}")
+        if self.retry_backoff_s < 0 or self.max_batch_inflight < 0:
+            raise ValueError("retry_backoff_s and max_batch_inflight must be >= 0")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Batch-lane flags; each has a TWOLANE_* environment variable."""
+        add = parser.add_argument
+        add(
+            "--nats-url",
+            default=env_default("TWOLANE_NATS_URL", ""),
+            help="NATS server URL; unset, serve starts an embedded nats-server "
+            "(env TWOLANE_NATS_URL)",
+        )
+        add(
+            "--data-dir",
+            default=env_default("TWOLANE_DATA_DIR", default_data_dir()),
+            help="store of the embedded nats-server (env TWOLANE_DATA_DIR)",
+        )
+        numbers: tuple[tuple[str, type, str, str], ...] = (
+            ("max_queued_jobs", int, "100000", "jobs the queue holds before SubmitJob is refused"),
+            ("max_queued_bytes", int, str(256 * 1024 * 1024), "bytes the queue holds"),
+            ("result_ttl_s", float, str(24 * 3600), "seconds results and events are kept"),
+            ("job_ttl_s", float, str(7 * 24 * 3600), "seconds job records are kept"),
+            ("ack_wait_s", float, "30", "seconds without progress before a job is redelivered"),
+            ("max_deliver", int, "5", "deliveries before a job is dead-lettered"),
+            ("retry_backoff_s", float, "1", "first retry delay in seconds (doubles each retry)"),
+            ("max_batch_inflight", int, "0", "most jobs a worker runs at once; 0: max_num_seqs"),
+        )
+        for dest, kind, fallback, text in numbers:
+            env = "TWOLANE_JOB_" + dest.upper()
+            add(
+                "--job-" + dest.replace("_", "-"),
+                dest=dest,
+                type=kind,
+                default=env_default(env, fallback),
+                help=f"{text} (env {env})",
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> JobsConfig:
+        values = {
+            f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+        }
+        values["fail_prompt_prefix"] = os.environ.get("TWOLANE_FAULT_FAIL_PROMPT_PREFIX", "")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything `twolane serve` needs; components take their part of it.
@@ -35,6 +131,7 @@ class ServeConfig:
         grace_period_s: on SIGTERM, how long in-flight requests may take to finish.
         device, dtype, num_blocks, max_num_seqs, max_model_len,
         max_waiting_interactive: passed to the engine (see EngineConfig).
+        jobs: the batch lane (see JobsConfig).
     """
 
     model: str = "builtin"
@@ -49,6 +146,7 @@ class ServeConfig:
     max_num_seqs: int = 64
     max_model_len: int = 0
     max_waiting_interactive: int = 256
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -152,8 +250,11 @@ class ServeConfig:
             help="interactive requests allowed to wait before new ones get "
             "RESOURCE_EXHAUSTED (env TWOLANE_MAX_WAITING)",
         )
+        JobsConfig.add_arguments(parser)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         """Build from parsed flags; every field has a flag of the same dest name."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "jobs"]
+        values = {name: getattr(args, name) for name in fields}
+        return cls(**values, jobs=JobsConfig.from_args(args))

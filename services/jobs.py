@@ -1,10 +1,33 @@
-"""The seam where the batch lane plugs into the gateway."""
+"""The seam where the batch lane plugs into the gateway, and how a process starts it."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from twolane.v1 import jobs_pb2
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+
+from twolane.services import jetstream
+from twolane.services.config import JobsConfig
+from twolane.services.jetstream import DEFAULT_TENANT
+from twolane.services.job_store import JobStore, Validator
+from twolane.services.nats_embedded import EmbeddedNats
+from twolane.services.validation import ModelLimits, validate_generate
+from twolane.v1 import generate_pb2, jobs_pb2
+
+if TYPE_CHECKING:
+    from twolane.scheduler.async_engine import AsyncEngine
+
+log = structlog.get_logger(__name__)
+
+NATS_CONNECT_TIMEOUT_S = 5.0
+# Without a model, a gateway checks a job's shape only; these bounds never bind.
+_NO_MODEL_LIMITS = ModelLimits(vocab_size=2**31 - 1, max_model_len=2**31 - 1)
 
 
 class JobService(Protocol):
@@ -12,17 +35,115 @@ class JobService(Protocol):
 
     Implementations raise the typed errors of `twolane.services.errors`
     (NotFoundError for an unknown job id, InvalidArgumentError for a bad
-    request, ...); the gateway maps them to status codes.
+    request, ...); the gateway maps them to status codes. `tenant` scopes job
+    ids and idempotency keys; it is "default" while auth is off.
     """
 
     async def submit_job(
-        self, request: jobs_pb2.SubmitJobRequest
+        self, request: jobs_pb2.SubmitJobRequest, tenant: str = DEFAULT_TENANT
     ) -> jobs_pb2.SubmitJobResponse: ...
 
     async def get_result(
-        self, request: jobs_pb2.GetResultRequest
+        self, request: jobs_pb2.GetResultRequest, tenant: str = DEFAULT_TENANT
     ) -> jobs_pb2.GetResultResponse: ...
 
     async def cancel_job(
-        self, request: jobs_pb2.CancelJobRequest
+        self, request: jobs_pb2.CancelJobRequest, tenant: str = DEFAULT_TENANT
     ) -> jobs_pb2.CancelJobResponse: ...
+
+
+def model_validator(engine: AsyncEngine) -> Validator:
+    """Checks a job's request against the engine's model, as Generate does."""
+    limits = ModelLimits(vocab_size=engine.vocab_size, max_model_len=engine.max_model_len)
+
+    def validate(request: generate_pb2.GenerateRequest) -> None:
+        validate_generate(request, limits, engine.tokenizer.encode, prefix="request.")
+
+    return validate
+
+
+def shape_validator(request: generate_pb2.GenerateRequest) -> None:
+    """Checks a job's request without a model; the worker checks the rest."""
+    validate_generate(request, _NO_MODEL_LIMITS, _nonempty_tokens, prefix="request.")
+
+
+def _nonempty_tokens(text: str) -> list[int]:
+    return list(text.encode())
+
+
+async def start_nats(stack: contextlib.AsyncExitStack, config: JobsConfig) -> str:
+    """The URL to use: `config.nats_url`, or an embedded nats-server started here."""
+    if config.nats_url:
+        return config.nats_url
+    embedded = EmbeddedNats(Path(config.data_dir))
+    url = await embedded.start()
+    stack.push_async_callback(embedded.stop)
+    return url
+
+
+async def connect(stack: contextlib.AsyncExitStack, url: str, name: str) -> NATS:
+    """A connection that reconnects forever and drains on exit."""
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected", url=url)
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected", url=url)
+
+    async def on_error(exc: Exception) -> None:
+        log.debug("nats error", error=repr(exc))
+
+    try:
+        nc = await nats.connect(
+            url,
+            name=name,
+            connect_timeout=NATS_CONNECT_TIMEOUT_S,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+    except Exception as exc:
+        raise OSError(f"cannot connect to NATS at {url}: {exc}") from exc
+
+    async def close() -> None:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+    stack.push_async_callback(close)
+    return nc
+
+
+async def start_job_store(
+    stack: contextlib.AsyncExitStack, config: JobsConfig, validate: Validator, name: str
+) -> tuple[NATS, JobStore]:
+    """Connect to NATS, lay out the streams and buckets, and return the store."""
+    url = await start_nats(stack, config)
+    nc = await connect(stack, url, name)
+    try:
+        buckets = await jetstream.ensure_layout(nc.jetstream(), config)
+    except Exception as exc:
+        raise OSError(f"cannot set up JetStream at {url}: {exc}") from exc
+    log.info("job queue ready", nats_url=url, stream=jetstream.JOBS_STREAM)
+    return nc, JobStore(nc, buckets, validate)
+
+
+async def start_job_worker(
+    stack: contextlib.AsyncExitStack,
+    nc: NATS,
+    store: JobStore,
+    engine: AsyncEngine,
+    config: JobsConfig,
+    grace_period_s: float,
+) -> None:
+    from twolane.services.job_worker import JobWorker
+
+    worker = JobWorker(nc, store, engine, config, worker_id=default_worker_id())
+    await worker.start()
+    stack.push_async_callback(worker.stop, grace_period_s)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"

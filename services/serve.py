@@ -93,8 +93,14 @@ async def start_engine(stack: contextlib.AsyncExitStack, config: ServeConfig) ->
 async def start_jobs(
     stack: contextlib.AsyncExitStack, config: ServeConfig, engine: AsyncEngine
 ) -> JobService | None:
-    """The batch lane; none yet, so the job RPCs answer UNIMPLEMENTED."""
-    return None
+    """The batch lane: NATS (embedded unless --nats-url), the job store and a worker."""
+    from twolane.services import jobs
+
+    nc, store = await jobs.start_job_store(
+        stack, config.jobs, jobs.model_validator(engine), name="twolane-serve"
+    )
+    await jobs.start_job_worker(stack, nc, store, engine, config.jobs, config.grace_period_s)
+    return store
 
 
 async def start_grpc_server(

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -74,13 +75,18 @@ def _listening_port(line: str) -> int | None:
 
 
 def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start `twolane serve --port 0 ARGS` and wait for its `listening` line."""
+    """Start `twolane serve --port 0 ARGS` and wait for its `listening` line.
+
+    Each server gets its own data dir (its embedded nats-server's store), since
+    servers that run at the same time cannot share one.
+    """
+    data_dir = tempfile.mkdtemp(prefix="twolane-data-")
     proc = subprocess.Popen(
         [TWOLANE, "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "TWOLANE_DATA_DIR": data_dir, **(env or {})},
     )
     server = ServerProcess(proc)
     threading.Thread(target=server._read_output, daemon=True).start()

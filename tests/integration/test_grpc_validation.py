@@ -84,13 +84,13 @@ async def test_bad_input_leaves_no_traceback_in_the_server_log(server: ServerPro
     assert "Traceback" not in server.log_text()
 
 
-async def test_job_rpcs_are_unimplemented_without_a_batch_lane(
+async def test_job_rpcs_say_not_found_for_an_unknown_job(
     stub: inference_pb2_grpc.InferenceServiceStub,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.GetResult(jobs_pb2.GetResultRequest(job_id="j1"))
-    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "batch lane" in (info.value.details() or "")
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+    assert "j1" in (info.value.details() or "")
 
 
 async def test_health_reports_serving(server: ServerProcess) -> None:

@@ -1,0 +1,182 @@
+"""The batch lane's JetStream layout: streams, consumers and KV buckets.
+
+Everything is declared here with explicit settings and created idempotently at
+start-up by every process that uses it (serve, gateway, worker): a missing
+stream is added, one with other settings is updated to these.
+
+- TWOLANE_JOBS (stream, `twolane.jobs.>`): work-queue retention, file storage,
+  discard new at max_msgs/max_bytes (so a full queue refuses SubmitJob), 2 min
+  duplicate window on Nats-Msg-Id = job id.
+- twolane-jobs-<tier> (durable pull consumers, one per tier): explicit ack,
+  ack_wait and max_deliver from the config; workers pull urgent, then standard,
+  then bulk.
+- TWOLANE_RESULTS (stream, `twolane.results.>`): completion events, limits
+  retention, file, max_age = result TTL, duplicate window min(1 h, TTL).
+- TWOLANE_DLQ (stream, `twolane.dlq.>`): dead letters, max_age = job TTL.
+- KV twolane_jobs (job id -> JobRecord), twolane_results (job id -> result),
+  twolane_idempotency (hash of tenant and key -> job id): history 1, file,
+  TTL = job TTL, result TTL and job TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from twolane.services.config import JobsConfig
+
+JOBS_STREAM = "TWOLANE_JOBS"
+RESULTS_STREAM = "TWOLANE_RESULTS"
+DLQ_STREAM = "TWOLANE_DLQ"
+JOBS_BUCKET = "twolane_jobs"
+RESULTS_BUCKET = "twolane_results"
+IDEMPOTENCY_BUCKET = "twolane_idempotency"
+
+TIERS = ("urgent", "standard", "bulk")  # the order workers pull in
+DEFAULT_TENANT = "default"
+JOBS_DUPLICATE_WINDOW_S = 120.0
+RESULTS_DUPLICATE_WINDOW_S = 3600.0
+MSG_ID_HEADER = "Nats-Msg-Id"
+# Core NATS (not JetStream): tells the worker running a job that it was cancelled.
+CANCEL_SUBJECT_PREFIX = "twolane.control.cancel"
+
+_STREAM_NAME_IN_USE = 10058
+
+
+def job_subject(tier: str) -> str:
+    return f"twolane.jobs.{tier}"
+
+
+def result_subject(tenant: str, job_id: str) -> str:
+    return f"twolane.results.{tenant}.{job_id}"
+
+
+def dlq_subject(tier: str) -> str:
+    return f"twolane.dlq.{tier}"
+
+
+def cancel_subject(job_id: str) -> str:
+    return f"{CANCEL_SUBJECT_PREFIX}.{job_id}"
+
+
+def consumer_name(tier: str) -> str:
+    return f"twolane-jobs-{tier}"
+
+
+def idempotency_key_hash(tenant: str, key: str) -> str:
+    """KV keys allow few characters; a hash also keeps tenants apart."""
+    return hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Buckets:
+    jobs: KeyValue
+    results: KeyValue
+    idempotency: KeyValue
+
+
+def streams(config: JobsConfig) -> list[api.StreamConfig]:
+    return [
+        api.StreamConfig(
+            name=JOBS_STREAM,
+            description="queued batch jobs, one ticket per job",
+            subjects=["twolane.jobs.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.NEW,
+            max_msgs=config.max_queued_jobs,
+            max_bytes=config.max_queued_bytes,
+            duplicate_window=JOBS_DUPLICATE_WINDOW_S,
+            num_replicas=1,
+        ),
+        api.StreamConfig(
+            name=RESULTS_STREAM,
+            description="job completion events, kept for late subscribers",
+            subjects=["twolane.results.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_age=config.result_ttl_s,
+            duplicate_window=min(RESULTS_DUPLICATE_WINDOW_S, config.result_ttl_s),
+            num_replicas=1,
+        ),
+        api.StreamConfig(
+            name=DLQ_STREAM,
+            description="jobs that failed on every delivery, with the reason",
+            subjects=["twolane.dlq.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_age=config.job_ttl_s,
+            duplicate_window=JOBS_DUPLICATE_WINDOW_S,
+            num_replicas=1,
+        ),
+    ]
+
+
+def consumer(config: JobsConfig, tier: str) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        name=consumer_name(tier),
+        durable_name=consumer_name(tier),
+        description=f"workers pull {tier} jobs",
+        filter_subject=job_subject(tier),
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=config.ack_wait_s,
+        max_deliver=config.max_deliver,
+        # Pulls come in small batches sized to the engine's free room.
+        max_waiting=512,
+    )
+
+
+def bucket(name: str, ttl_s: float, description: str) -> api.StreamConfig:
+    """A KV bucket's stream, as nats.py's create_key_value lays it out."""
+    return api.StreamConfig(
+        name=f"KV_{name}",
+        description=description,
+        subjects=[f"$KV.{name}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        discard=api.DiscardPolicy.NEW,
+        max_msgs_per_subject=1,
+        max_age=ttl_s,
+        duplicate_window=min(JOBS_DUPLICATE_WINDOW_S, ttl_s),
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        num_replicas=1,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        await js.update_stream(config)
+
+
+async def ensure_layout(js: JetStreamContext, config: JobsConfig) -> Buckets:
+    """Create or update every stream, consumer and bucket; returns the buckets."""
+    for stream in streams(config):
+        await ensure_stream(js, stream)
+    for tier in TIERS:
+        # add_consumer with a durable name creates it or updates its settings.
+        await js.add_consumer(JOBS_STREAM, consumer(config, tier))
+    layout = (
+        (JOBS_BUCKET, config.job_ttl_s, "job records by job id"),
+        (RESULTS_BUCKET, config.result_ttl_s, "job results by job id"),
+        (IDEMPOTENCY_BUCKET, config.job_ttl_s, "job ids by tenant and idempotency key"),
+    )
+    for name, ttl_s, description in layout:
+        await ensure_stream(js, bucket(name, ttl_s, description))
+    return Buckets(
+        jobs=await js.key_value(JOBS_BUCKET),
+        results=await js.key_value(RESULTS_BUCKET),
+        idempotency=await js.key_value(IDEMPOTENCY_BUCKET),
+    )

@@ -1,0 +1,359 @@
+"""Job records, results and events on JetStream: the state machine both lanes share.
+
+A job moves QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED | EXPIRED (and
+back to QUEUED between retries). Every change is a revision-checked KV update,
+so two writers (two workers, a worker and a canceller) never both win. Results
+are create-only by job id and events carry the job id as `Nats-Msg-Id`, so a
+job that runs twice still has one visible result and one event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+import structlog
+from google.protobuf import message as protobuf_message
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.client import Client as NATS
+
+from twolane.services import jetstream
+from twolane.services.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from twolane.services.jetstream import DEFAULT_TENANT, Buckets
+from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
+
+log = structlog.get_logger(__name__)
+
+TERMINAL_STATES = frozenset(
+    {
+        jobs_pb2.JOB_STATE_SUCCEEDED,
+        jobs_pb2.JOB_STATE_FAILED,
+        jobs_pb2.JOB_STATE_CANCELLED,
+        jobs_pb2.JOB_STATE_EXPIRED,
+    }
+)
+TIER_NAMES = {
+    jobs_pb2.JOB_TIER_URGENT: "urgent",
+    jobs_pb2.JOB_TIER_STANDARD: "standard",
+    jobs_pb2.JOB_TIER_BULK: "bulk",
+}
+MAX_KEY_CHARS = 256
+_STORE_FULL = 10077  # JSStreamStoreFailedF: the stream's max_msgs or max_bytes is reached
+_MAX_UPDATE_TRIES = 16
+
+Validator = Callable[[generate_pb2.GenerateRequest], None]
+
+
+def now_timestamp() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def tier_name(tier: jobs_pb2.JobTier.ValueType) -> str:
+    return TIER_NAMES.get(tier, "standard")
+
+
+def state_name(state: jobs_pb2.JobState.ValueType) -> str:
+    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+@dataclass
+class StoredRecord:
+    """A job record with the KV revision it was read at."""
+
+    record: job_record_pb2.JobRecord
+    revision: int
+
+
+@contextlib.asynccontextmanager
+async def nats_errors() -> AsyncIterator[None]:
+    """NATS being away is the caller's UNAVAILABLE, never an INTERNAL error."""
+    try:
+        yield
+    except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+        raise UnavailableError(f"the job queue is unavailable: {exc}") from exc
+    except nats.errors.NoRespondersError as exc:
+        raise UnavailableError("the job queue is unavailable: JetStream did not answer") from exc
+
+
+class JobStore:
+    """Reads and writes jobs; the gateway's JobService on top of it.
+
+    Args:
+        nc: a live NATS connection.
+        buckets: the KV buckets from `jetstream.ensure_layout`.
+        validate: checks a job's request before it is queued; raises
+            InvalidArgumentError. The gateway of a split deployment has no model,
+            so it checks the message's shape only and the worker does the rest.
+    """
+
+    def __init__(self, nc: NATS, buckets: Buckets, validate: Validator) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.buckets = buckets
+        self._validate = validate
+
+    # ---- the JobService API ----------------------------------------------------
+
+    async def submit_job(
+        self, request: jobs_pb2.SubmitJobRequest, tenant: str = DEFAULT_TENANT
+    ) -> jobs_pb2.SubmitJobResponse:
+        self._check_submission(request)
+        if not request.tier:
+            request = _with_tier(request, jobs_pb2.JOB_TIER_STANDARD)
+        async with nats_errors():
+            job_id = secrets.token_hex(16)
+            if request.idempotency_key:
+                key = jetstream.idempotency_key_hash(tenant, request.idempotency_key)
+                try:
+                    await self.buckets.idempotency.create(key, job_id.encode())
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    return await self._existing_job(key, request, tenant)
+            record = job_record_pb2.JobRecord(
+                job_id=job_id,
+                tenant=tenant,
+                state=jobs_pb2.JOB_STATE_QUEUED,
+                submission=request,
+                created_at=now_timestamp(),
+            )
+            await self.buckets.jobs.create(job_id, record.SerializeToString())
+            try:
+                await self._enqueue(record)
+            except ResourceExhaustedError:
+                await self._forget(record)
+                raise
+        log.info("job queued", job_id=job_id, tier=tier_name(request.tier), tenant=tenant)
+        return jobs_pb2.SubmitJobResponse(job_id=job_id, state=jobs_pb2.JOB_STATE_QUEUED)
+
+    async def get_result(
+        self, request: jobs_pb2.GetResultRequest, tenant: str = DEFAULT_TENANT
+    ) -> jobs_pb2.GetResultResponse:
+        async with nats_errors():
+            stored = await self._require(request.job_id, tenant)
+            record = stored.record
+            response = jobs_pb2.GetResultResponse(
+                job_id=record.job_id,
+                state=record.state,
+                custom_id=record.submission.custom_id,
+                created_at=record.created_at,
+            )
+            if record.HasField("started_at"):
+                response.started_at.CopyFrom(record.started_at)
+            if record.HasField("finished_at"):
+                response.finished_at.CopyFrom(record.finished_at)
+            if record.state in (jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_EXPIRED):
+                response.error = record.error
+            if record.state == jobs_pb2.JOB_STATE_SUCCEEDED:
+                result = await self.read_result(record.job_id)
+                if result is None:
+                    response.error = "the result has expired"
+                else:
+                    response.result.CopyFrom(result)
+            return response
+
+    async def cancel_job(
+        self, request: jobs_pb2.CancelJobRequest, tenant: str = DEFAULT_TENANT
+    ) -> jobs_pb2.CancelJobResponse:
+        async with nats_errors():
+            await self._require(request.job_id, tenant)
+
+            def cancel(record: job_record_pb2.JobRecord) -> bool:
+                if record.state in TERMINAL_STATES:
+                    return False
+                record.state = jobs_pb2.JOB_STATE_CANCELLED
+                record.finished_at.CopyFrom(now_timestamp())
+                return True
+
+            stored, changed = await self.transition(request.job_id, cancel)
+            if changed:
+                # The worker running it, if any, aborts it in the engine.
+                await self.nc.publish(jetstream.cancel_subject(request.job_id), b"")
+                await self.publish_event(stored.record)
+                log.info("job cancelled", job_id=request.job_id)
+        return jobs_pb2.CancelJobResponse(job_id=request.job_id, state=stored.record.state)
+
+    # ---- shared with the worker --------------------------------------------------
+
+    async def read(self, job_id: str) -> StoredRecord | None:
+        if not _is_job_id(job_id):
+            return None
+        try:
+            entry = await self.buckets.jobs.get(job_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        assert entry.value is not None and entry.revision is not None
+        return StoredRecord(job_record_pb2.JobRecord.FromString(entry.value), entry.revision)
+
+    async def transition(
+        self, job_id: str, change: Callable[[job_record_pb2.JobRecord], bool]
+    ) -> tuple[StoredRecord, bool]:
+        """Apply `change` to the latest record with a revision check, retrying on races.
+
+        `change` edits the record in place and returns False to leave it as it is.
+        Returns the record as it now stands and whether `change` was written.
+        """
+        for _ in range(_MAX_UPDATE_TRIES):
+            stored = await self.read(job_id)
+            if stored is None:
+                raise NotFoundError(f"no job with id {job_id!r}")
+            if not change(stored.record):
+                return stored, False
+            try:
+                revision = await self.buckets.jobs.update(
+                    job_id, stored.record.SerializeToString(), last=stored.revision
+                )
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            return StoredRecord(stored.record, revision), True
+        raise UnavailableError(f"job {job_id} is changing too often to update")
+
+    async def read_result(self, job_id: str) -> generate_pb2.GenerateResponse | None:
+        try:
+            entry = await self.buckets.results.get(job_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        assert entry.value is not None
+        return generate_pb2.GenerateResponse.FromString(entry.value)
+
+    async def write_result(self, job_id: str, result: generate_pb2.GenerateResponse) -> None:
+        """Create-only: a result written by an earlier attempt stays the one result."""
+        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+            await self.buckets.results.create(job_id, result.SerializeToString())
+
+    async def publish_event(self, record: job_record_pb2.JobRecord) -> None:
+        """The completion event; its Nats-Msg-Id makes a second publish a no-op."""
+        event = jobs_pb2.JobEvent(
+            job_id=record.job_id,
+            tenant=record.tenant,
+            state=record.state,
+            error=record.error if record.state != jobs_pb2.JOB_STATE_SUCCEEDED else "",
+            custom_id=record.submission.custom_id,
+            finished_at=record.finished_at,
+        )
+        if record.state == jobs_pb2.JOB_STATE_SUCCEEDED:
+            result = await self.read_result(record.job_id)
+            if result is not None:
+                event.result.CopyFrom(result)
+        await self.js.publish(
+            jetstream.result_subject(record.tenant, record.job_id),
+            event.SerializeToString(),
+            stream=jetstream.RESULTS_STREAM,
+            headers={jetstream.MSG_ID_HEADER: record.job_id},
+        )
+
+    # ---- helpers -----------------------------------------------------------------
+
+    def _check_submission(self, request: jobs_pb2.SubmitJobRequest) -> None:
+        violations: list[FieldViolation] = []
+        if request.tier not in (jobs_pb2.JOB_TIER_UNSPECIFIED, *TIER_NAMES):
+            violations.append(FieldViolation("tier", f"unknown tier {request.tier}"))
+        if len(request.idempotency_key) > MAX_KEY_CHARS:
+            violations.append(
+                FieldViolation("idempotency_key", f"at most {MAX_KEY_CHARS} characters")
+            )
+        if len(request.custom_id) > MAX_KEY_CHARS:
+            violations.append(FieldViolation("custom_id", f"at most {MAX_KEY_CHARS} characters"))
+        if request.HasField("deadline") and request.deadline.ToNanoseconds() <= time.time_ns():
+            violations.append(FieldViolation("deadline", "the deadline has already passed"))
+        if not request.HasField("request"):
+            violations.append(FieldViolation("request", "a job needs a generate request"))
+        else:
+            try:
+                self._validate(request.request)
+            except InvalidArgumentError as exc:
+                violations.extend(exc.violations)
+        if violations:
+            raise InvalidArgumentError(violations)
+
+    async def _enqueue(self, record: job_record_pb2.JobRecord) -> None:
+        ticket = job_record_pb2.JobTicket(job_id=record.job_id, tenant=record.tenant)
+        try:
+            await self.js.publish(
+                jetstream.job_subject(tier_name(record.submission.tier)),
+                ticket.SerializeToString(),
+                stream=jetstream.JOBS_STREAM,
+                headers={jetstream.MSG_ID_HEADER: record.job_id},
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _STORE_FULL:
+                raise ResourceExhaustedError(
+                    f"the job queue is full ({exc.description}); retry later"
+                ) from exc
+            raise
+
+    async def _existing_job(
+        self, key: str, request: jobs_pb2.SubmitJobRequest, tenant: str
+    ) -> jobs_pb2.SubmitJobResponse:
+        """A repeated idempotency key: the first submission's job, queued if need be."""
+        entry = await self.buckets.idempotency.get(key)
+        assert entry.value is not None
+        job_id = entry.value.decode()
+        stored = await self.read(job_id)
+        if stored is None:
+            # The first submitter has not written the record yet (or died before it
+            # did): write it from this identical request. Enqueueing twice is harmless,
+            # the ticket's Nats-Msg-Id is the job id.
+            record = job_record_pb2.JobRecord(
+                job_id=job_id,
+                tenant=tenant,
+                state=jobs_pb2.JOB_STATE_QUEUED,
+                submission=request,
+                created_at=now_timestamp(),
+            )
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await self.buckets.jobs.create(job_id, record.SerializeToString())
+            await self._enqueue(record)
+            state = jobs_pb2.JOB_STATE_QUEUED
+        else:
+            state = stored.record.state
+        log.info("job deduplicated", job_id=job_id, tenant=tenant)
+        return jobs_pb2.SubmitJobResponse(job_id=job_id, deduplicated=True, state=state)
+
+    async def _forget(self, record: job_record_pb2.JobRecord) -> None:
+        """Undo a submission the queue refused, so its id never shows up."""
+        with contextlib.suppress(nats.js.errors.Error):
+            await self.buckets.jobs.purge(record.job_id)
+        if record.submission.idempotency_key:
+            key = jetstream.idempotency_key_hash(record.tenant, record.submission.idempotency_key)
+            with contextlib.suppress(nats.js.errors.Error):
+                await self.buckets.idempotency.purge(key)
+
+    async def _require(self, job_id: str, tenant: str) -> StoredRecord:
+        stored = await self.read(job_id)
+        # Another tenant's job is as unknown as a job that never existed.
+        if stored is None or stored.record.tenant != tenant:
+            raise NotFoundError(f"no job with id {job_id!r}")
+        return stored
+
+
+def _with_tier(
+    request: jobs_pb2.SubmitJobRequest, tier: jobs_pb2.JobTier.ValueType
+) -> jobs_pb2.SubmitJobRequest:
+    copy = jobs_pb2.SubmitJobRequest()
+    copy.CopyFrom(request)
+    copy.tier = tier
+    return copy
+
+
+def _is_job_id(job_id: str) -> bool:
+    return len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)
+
+
+def parse_ticket(data: bytes) -> job_record_pb2.JobTicket | None:
+    try:
+        ticket = job_record_pb2.JobTicket.FromString(data)
+    except protobuf_message.DecodeError:
+        return None
+    return ticket if _is_job_id(ticket.job_id) else None

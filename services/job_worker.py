@@ -1,0 +1,447 @@
+"""The batch lane's consumer: pulls jobs when the engine has room and runs them.
+
+The backlog stays in JetStream. The worker fetches only as many jobs as the
+engine can take now (a cap on batch jobs in flight, free KV blocks, and no
+interactive request waiting), urgent before standard before bulk. A running
+job reports progress so its message is not redelivered; a worker that dies
+stops reporting, and the message goes to another worker after `ack_wait_s`.
+
+Per job, in this order: result (create-only), state, completion event, ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from twolane.scheduler.errors import EngineStoppedError, InvalidRequestError
+from twolane.scheduler.request import FinishReason, Priority, RequestOutput
+from twolane.services import convert, jetstream
+from twolane.services.config import JobsConfig
+from twolane.services.job_store import (
+    TERMINAL_STATES,
+    JobStore,
+    now_timestamp,
+    parse_ticket,
+)
+from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
+
+if TYPE_CHECKING:
+    from twolane.scheduler.async_engine import AsyncEngine, EngineStats
+
+log = structlog.get_logger(__name__)
+
+FETCH_TIMEOUT_S = 0.5
+IDLE_POLL_S = 1.0
+MAX_RETRY_BACKOFF_S = 60.0
+# Below this share of free KV blocks the worker leaves the room to running work.
+MIN_FREE_BLOCKS_FRACTION = 0.02
+
+
+class TransientJobError(Exception):
+    """This attempt failed, the next one may not: retry with backoff."""
+
+
+@dataclass
+class _Running:
+    request_id: str
+    cancelled: bool = False
+
+
+class JobWorker:
+    """Runs jobs from TWOLANE_JOBS on one engine.
+
+    Args:
+        nc: a live NATS connection.
+        store: the job records, results and events.
+        engine: the engine the jobs run on (priority = the job's tier).
+        config: ack wait, deliveries, backoff, in-flight cap, fault injection.
+        worker_id: names this worker in job records and logs.
+    """
+
+    def __init__(
+        self, nc: NATS, store: JobStore, engine: AsyncEngine, config: JobsConfig, worker_id: str
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.store = store
+        self.engine = engine
+        self.config = config
+        self.worker_id = worker_id
+        self.max_inflight = config.max_batch_inflight or engine.config.max_num_seqs
+        self._subs: dict[str, JetStreamContext.PullSubscription] = {}
+        self._tasks: dict[asyncio.Task[None], str] = {}
+        self._num_inflight_by_tier = dict.fromkeys(jetstream.TIERS, 0)
+        self._running: dict[str, _Running] = {}
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pull_task: asyncio.Task[None] | None = None
+        self._core_subs: list[Subscription] = []
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for tier in jetstream.TIERS:
+            self._subs[tier] = await self.js.pull_subscribe_bind(
+                jetstream.consumer_name(tier), stream=jetstream.JOBS_STREAM
+            )
+        self._core_subs = [
+            # A new job anywhere wakes the pull loop; no payload is read.
+            await self.nc.subscribe("twolane.jobs.>", cb=self._on_new_job),
+            await self.nc.subscribe(f"{jetstream.CANCEL_SUBJECT_PREFIX}.*", cb=self._on_cancel),
+        ]
+        self.engine.add_stats_listener(self._on_engine_step)
+        self._pull_task = asyncio.create_task(self._pull_loop(), name="twolane-job-pull")
+        log.info("job worker started", worker_id=self.worker_id, max_inflight=self.max_inflight)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop pulling, let running jobs finish for `grace_s`, give the rest back."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._pull_task is not None:
+            await self._pull_task
+        tasks = list(self._tasks)
+        if tasks:
+            log.info("job worker draining", num_jobs=len(tasks), grace_period_s=grace_s)
+            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for sub in [*self._core_subs, *self._subs.values()]:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        log.info("job worker stopped", worker_id=self.worker_id)
+
+    # ---- pulling -----------------------------------------------------------------
+
+    def room(self) -> int:
+        """How many more jobs the engine should take now."""
+        stats = self.engine.stats()
+        if stats.num_waiting_interactive > 0:
+            return 0
+        min_free = max(1, int(stats.num_total_blocks * MIN_FREE_BLOCKS_FRACTION))
+        if stats.num_free_blocks < min_free:
+            return 0
+        return max(0, self.max_inflight - len(self._tasks))
+
+    async def _pull_loop(self) -> None:
+        while not self._stopping:
+            try:
+                room = self.room()
+                pulled = room > 0 and await self._pull(room)
+            except Exception as exc:  # NATS is away or restarting: keep trying
+                log.warning("job pull failed", error=repr(exc))
+                pulled = False
+            if not pulled:
+                self._wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
+
+    async def _pull(self, room: int) -> bool:
+        """Fetch up to `room` jobs from the highest tier that has any."""
+        for tier in jetstream.TIERS:
+            sub = self._subs[tier]
+            if not await self._may_have_jobs(tier, sub):
+                continue
+            try:
+                msgs = await sub.fetch(room, timeout=FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                self._start(msg, tier)
+            return True
+        return False
+
+    async def _may_have_jobs(self, tier: str, sub: JetStreamContext.PullSubscription) -> bool:
+        """Ask before fetching, so an empty tier costs a round trip, not a fetch timeout."""
+        if sub.pending_msgs > 0:
+            return True
+        info = await sub.consumer_info()
+        # Unacked messages held by no one here are due for redelivery (a retry
+        # after backoff, or a job whose worker died).
+        others_unacked = info.num_ack_pending - self._num_inflight_by_tier[tier]
+        return info.num_pending > 0 or others_unacked > 0
+
+    def _start(self, msg: Msg, tier: str) -> None:
+        task = asyncio.create_task(self._run(msg, tier))
+        self._tasks[task] = tier
+        self._num_inflight_by_tier[tier] += 1
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        tier = self._tasks.pop(task)
+        self._num_inflight_by_tier[tier] -= 1
+        self._wakeup.set()
+
+    def _on_engine_step(self, stats: EngineStats) -> None:
+        # On the engine thread: wake the pull loop only when it may pull again.
+        if self._loop is not None and not self._stopping and not self._wakeup.is_set():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    async def _on_new_job(self, msg: Msg) -> None:
+        self._wakeup.set()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        running = self._running.get(msg.subject.rsplit(".", 1)[-1])
+        if running is not None:
+            running.cancelled = True
+            self.engine.abort(running.request_id)
+
+    # ---- one job -----------------------------------------------------------------
+
+    async def _run(self, msg: Msg, tier: str) -> None:
+        """Handle one message; whatever happens, it is acked, nacked or terminated."""
+        try:
+            await self._handle(msg, tier)
+        except asyncio.CancelledError:
+            # The worker is stopping: hand the job to another worker now.
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        except Exception as exc:
+            log.warning("job attempt failed", error=repr(exc), subject=msg.subject)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self._backoff_s(msg))
+
+    async def _handle(self, msg: Msg, tier: str) -> None:
+        ticket = parse_ticket(msg.data)
+        if ticket is None:
+            log.error("unreadable job message terminated", subject=msg.subject)
+            await msg.term()
+            return
+        job_id = ticket.job_id
+        stored = await self.store.read(job_id)
+        if stored is None:
+            log.error("job message without a record terminated", job_id=job_id)
+            await msg.term()
+            return
+        sequence = msg.metadata.sequence.stream
+        if stored.record.state in TERMINAL_STATES:
+            # Finished already (cancelled while queued, or finished by a worker that
+            # died before its ack): make sure the event is out, then drop the message.
+            await self.store.publish_event(stored.record)
+            await msg.ack()
+            return
+        if _deadline_passed(stored.record):
+            await self._finish(job_id, jobs_pb2.JOB_STATE_EXPIRED, "the deadline passed")
+            await msg.ack()
+            return
+
+        def claim(record: job_record_pb2.JobRecord) -> bool:
+            duplicate = (
+                record.state == jobs_pb2.JOB_STATE_RUNNING and record.stream_sequence != sequence
+            )
+            if record.state in TERMINAL_STATES or duplicate:
+                return False
+            record.state = jobs_pb2.JOB_STATE_RUNNING
+            record.started_at.CopyFrom(now_timestamp())
+            record.stream_sequence = sequence
+            record.worker_id = self.worker_id
+            record.attempts += 1
+            return True
+
+        stored, claimed = await self.store.transition(job_id, claim)
+        if not claimed:
+            if stored.record.state in TERMINAL_STATES:
+                await self.store.publish_event(stored.record)
+            await msg.ack()  # a second ticket for a job another message runs
+            return
+        log.info(
+            "job started",
+            job_id=job_id,
+            tier=tier,
+            delivery=msg.metadata.num_delivered,
+            worker_id=self.worker_id,
+        )
+        await self._execute(msg, tier, stored.record)
+
+    async def _execute(self, msg: Msg, tier: str, record: job_record_pb2.JobRecord) -> None:
+        job_id = record.job_id
+        running = _Running(request_id=f"job-{job_id}-{msg.metadata.num_delivered}")
+        self._running[job_id] = running
+        heartbeat = asyncio.create_task(self._heartbeat(msg, job_id, running))
+        started_s = time.monotonic()
+        try:
+            outputs = await self._generate(running.request_id, tier, record)
+        except InvalidRequestError as exc:
+            # It can never succeed: fail it now rather than retry it.
+            await self._finish(job_id, jobs_pb2.JOB_STATE_FAILED, f"invalid request: {exc}")
+            await msg.term()
+            return
+        except EngineStoppedError:
+            await msg.nak()
+            return
+        except TransientJobError as exc:
+            await self._retry_or_dead_letter(msg, tier, job_id, str(exc))
+            return
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            self._running.pop(job_id, None)
+        await self._conclude(msg, tier, job_id, running, outputs, time.monotonic() - started_s)
+
+    async def _conclude(
+        self,
+        msg: Msg,
+        tier: str,
+        job_id: str,
+        running: _Running,
+        outputs: list[RequestOutput],
+        total_time_s: float,
+    ) -> None:
+        final = outputs[-1]
+        reason = final.finish_reason
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            result = convert.generate_response(job_id, outputs, total_time_s)
+            await self._finish(job_id, jobs_pb2.JOB_STATE_SUCCEEDED, "", result)
+            await msg.ack()
+            log.info("job succeeded", job_id=job_id, completion_tokens=final.num_output_tokens)
+        elif reason is FinishReason.DEADLINE:
+            await self._finish(job_id, jobs_pb2.JOB_STATE_EXPIRED, "the deadline passed")
+            await msg.ack()
+        elif reason is FinishReason.ABORT:
+            stored = await self.store.read(job_id)
+            if running.cancelled or (
+                stored is not None and stored.record.state == jobs_pb2.JOB_STATE_CANCELLED
+            ):
+                await msg.ack()  # the canceller wrote the state and the event
+                log.info("job aborted after cancel", job_id=job_id)
+            else:
+                await msg.nak()  # the engine is stopping; another worker takes it
+        else:
+            await self._retry_or_dead_letter(msg, tier, job_id, final.error or "the engine failed")
+
+    async def _generate(
+        self, request_id: str, tier: str, record: job_record_pb2.JobRecord
+    ) -> list[RequestOutput]:
+        request = record.submission.request
+        prefix = self.config.fail_prompt_prefix
+        if prefix and request.prompt.startswith(prefix):
+            raise TransientJobError("fault injected by TWOLANE_FAULT_FAIL_PROMPT_PREFIX")
+        try:
+            params = convert.sampling_params(request.params)
+        except ValueError as exc:
+            raise InvalidRequestError("request.params", str(exc)) from exc
+        stream = self.engine.add_request(
+            request_id,
+            prompt=request.prompt or None,
+            prompt_token_ids=list(request.prompt_token_ids) or None,
+            params=params,
+            priority=Priority[tier.upper()],
+            deadline_s=_engine_deadline_s(record),
+        )
+        async with stream:
+            return [out async for out in stream]
+
+    async def _heartbeat(self, msg: Msg, job_id: str, running: _Running) -> None:
+        """Keep the message ours while the job runs; notice a cancel we missed."""
+        interval_s = max(0.2, self.config.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval_s)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+                stored = await self.store.read(job_id)
+                if stored is not None and stored.record.state == jobs_pb2.JOB_STATE_CANCELLED:
+                    running.cancelled = True
+                    self.engine.abort(running.request_id)
+
+    # ---- endings -----------------------------------------------------------------
+
+    async def _finish(
+        self,
+        job_id: str,
+        state: jobs_pb2.JobState.ValueType,
+        error: str,
+        result: generate_pb2.GenerateResponse | None = None,
+    ) -> None:
+        """Result first, then the state (unless another writer got there), then the event."""
+        if result is not None:
+            stored = await self.store.read(job_id)
+            if stored is not None and stored.record.state == jobs_pb2.JOB_STATE_CANCELLED:
+                return
+            await self.store.write_result(job_id, result)
+
+        def conclude(record: job_record_pb2.JobRecord) -> bool:
+            if record.state in TERMINAL_STATES:
+                return False
+            record.state = state
+            record.error = error
+            record.finished_at.CopyFrom(now_timestamp())
+            return True
+
+        stored, _ = await self.store.transition(job_id, conclude)
+        await self.store.publish_event(stored.record)
+
+    async def _retry_or_dead_letter(self, msg: Msg, tier: str, job_id: str, reason: str) -> None:
+        num_delivered = msg.metadata.num_delivered
+        if num_delivered < self.config.max_deliver:
+            delay_s = self._backoff_s(msg)
+
+            def requeue(record: job_record_pb2.JobRecord) -> bool:
+                if record.state != jobs_pb2.JOB_STATE_RUNNING:
+                    return False
+                record.state = jobs_pb2.JOB_STATE_QUEUED
+                record.error = f"attempt {num_delivered} failed: {reason}"
+                return True
+
+            await self.store.transition(job_id, requeue)
+            log.warning(
+                "job attempt failed; retrying",
+                job_id=job_id,
+                delivery=num_delivered,
+                retry_in_s=delay_s,
+                error=reason,
+            )
+            await msg.nak(delay=delay_s)
+            return
+        error = f"failed on all {num_delivered} deliveries; last error: {reason}"
+        stored = await self.store.read(job_id)
+        letter = job_record_pb2.DeadLetter(
+            job_id=job_id,
+            tenant=stored.record.tenant if stored else jetstream.DEFAULT_TENANT,
+            tier=stored.record.submission.tier if stored else jobs_pb2.JOB_TIER_UNSPECIFIED,
+            reason=error,
+            num_deliveries=num_delivered,
+            failed_at=now_timestamp(),
+        )
+        await self.js.publish(
+            jetstream.dlq_subject(tier),
+            letter.SerializeToString(),
+            stream=jetstream.DLQ_STREAM,
+            headers={jetstream.MSG_ID_HEADER: job_id},
+        )
+        await self._finish(job_id, jobs_pb2.JOB_STATE_FAILED, error)
+        await msg.term()
+        log.error("job dead-lettered", job_id=job_id, error=error)
+
+    def _backoff_s(self, msg: Msg) -> float:
+        num_delivered = max(1, msg.metadata.num_delivered)
+        return min(MAX_RETRY_BACKOFF_S, self.config.retry_backoff_s * 2 ** (num_delivered - 1))
+
+
+def _deadline_passed(record: job_record_pb2.JobRecord) -> bool:
+    submission = record.submission
+    return submission.HasField("deadline") and submission.deadline.ToNanoseconds() <= time.time_ns()
+
+
+def _engine_deadline_s(record: job_record_pb2.JobRecord) -> float | None:
+    """The job's wall-clock deadline on the engine's clock (time.monotonic)."""
+    submission = record.submission
+    if not submission.HasField("deadline"):
+        return None
+    remaining_s = (submission.deadline.ToNanoseconds() - time.time_ns()) / 1e9
+    return time.monotonic() + remaining_s
