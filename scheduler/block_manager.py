@@ -104,13 +104,18 @@ class BlockManager:
         return PrefixMatch(tuple(block_ids), len(block_ids) * self.block_size)
 
     def allocate(
-        self, seq: Sequence, num_new_tokens: int, prefix: PrefixMatch | None = None
+        self,
+        seq: Sequence,
+        num_new_tokens: int,
+        prefix: PrefixMatch | None = None,
+        num_reserved_blocks: int = 0,
     ) -> Allocation | None:
         """Give `seq` room for `num_new_tokens` more tokens past its computed ones.
 
         On a sequence's first allocation, `prefix` (from `match_prefix`) hands it
         cached blocks and marks their tokens computed. Returns None, changing
-        nothing, when there are not enough free blocks.
+        nothing, when there are not enough free blocks, keeping
+        `num_reserved_blocks` of them untouched.
         """
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be positive, got {num_new_tokens}")
@@ -122,7 +127,7 @@ class BlockManager:
         num_new_blocks = num_needed - len(seq.block_table) - len(prefix.block_ids)
         # Cached blocks sitting in the free list stop being free once taken.
         num_hits_free = sum(1 for b in prefix.block_ids if self.blocks[b].ref_count == 0)
-        if max(num_new_blocks, 0) + num_hits_free > self.num_free_blocks:
+        if max(num_new_blocks, 0) + num_hits_free + num_reserved_blocks > self.num_free_blocks:
             return None
         if not seq.block_table and seq.num_computed_tokens == 0:
             self.num_prefix_query_tokens += seq.num_tokens

@@ -24,6 +24,13 @@ class EngineConfig:
             are refused (backpressure instead of an unbounded queue).
         seed: seed of the built-in model's weights.
         attention_backend: "auto" (by device), "torch" or "triton".
+        reserved_block_fraction: share of KV blocks that new batch work may not take, kept
+            free so a burst of interactive requests finds room without preempting.
+        max_batch_share: share of `max_num_seqs` that batch sequences may hold, so an
+            interactive request finds a free slot.
+        interactive_ttft_target_s: the first-token latency the interactive lane aims for.
+            Batch prefill per step is capped so a step lasts at most half of it: an
+            interactive request that arrives mid-step waits at most that long.
     """
 
     model: str = "builtin"
@@ -39,6 +46,9 @@ class EngineConfig:
     max_waiting_interactive: int = 256
     seed: int = 0
     attention_backend: str = "auto"
+    reserved_block_fraction: float = 0.1
+    max_batch_share: float = 0.875
+    interactive_ttft_target_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -57,3 +67,9 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.max_waiting_interactive <= 0:
             raise ValueError("max_waiting_interactive must be positive")
+        if not 0.0 <= self.reserved_block_fraction < 1.0:
+            raise ValueError("reserved_block_fraction must be in [0, 1)")
+        if not 0.0 < self.max_batch_share <= 1.0:
+            raise ValueError("max_batch_share must be in (0, 1]")
+        if self.interactive_ttft_target_s <= 0:
+            raise ValueError("interactive_ttft_target_s must be positive")

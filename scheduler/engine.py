@@ -23,7 +23,7 @@ from twolane.scheduler.block_manager import BlockManager
 from twolane.scheduler.config import EngineConfig
 from twolane.scheduler.errors import InvalidRequestError
 from twolane.scheduler.request import FinishReason, Priority, RequestOutput, SamplingParams
-from twolane.scheduler.scheduler import Scheduler
+from twolane.scheduler.scheduler import LanePolicy, Scheduler
 from twolane.scheduler.sequence import Sequence
 
 log = structlog.get_logger(__name__)
@@ -78,8 +78,13 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
+        policy = LanePolicy(
+            reserved_block_fraction=config.reserved_block_fraction,
+            max_batch_share=config.max_batch_share,
+            interactive_ttft_target_s=config.interactive_ttft_target_s,
+        )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, policy
         )
         backend = get_attention_backend(config.attention_backend, config.device)
         self.runner = ModelRunner(
@@ -197,6 +202,7 @@ class LLMEngine:
         for item in sched.scheduled:
             if item.seq.first_scheduled_time_s is None:
                 item.seq.first_scheduled_time_s = now
+        started = time.perf_counter()
         try:
             result = self.runner.execute(sched.scheduled)
         except Exception:
@@ -209,6 +215,7 @@ class LLMEngine:
                         self._finish(state, FinishReason.ERROR, "the engine step failed")
                     )
             return outputs
+        self.scheduler.observe_step(time.perf_counter() - started, sched.num_batched_tokens)
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(item.seq)

@@ -1,22 +1,37 @@
-"""Iteration-level continuous batching over the paged KV cache.
+"""Iteration-level continuous batching over the paged KV cache, with two lanes.
 
-Every step the scheduler builds one batch under a token budget and a sequence cap:
-running sequences first (decodes, and the next chunk of prefills still in
-progress), then waiting ones, best priority class first and first come first served
-inside a class. A long prompt is prefilled in chunks across steps, side by side
-with other sequences' decodes. When the cache runs out of blocks, the lowest-class,
-newest running sequence is preempted: its blocks are freed and it is recomputed
-later (the prefix cache often still holds most of it).
+Every step the scheduler builds one batch under a token budget and a sequence cap.
+It considers work in this order: running interactive sequences, waiting interactive
+ones, running batch sequences, waiting batch ones; inside a lane, better class first
+(urgent > standard > bulk) and first come first served inside a class. A long
+prompt is prefilled in chunks across steps, side by side with other sequences'
+decodes.
+
+Interactive work never waits behind batch work: when blocks, the token budget or
+the sequence cap stand in its way, batch sequences are preempted (freed and later
+recomputed, usually from the prefix cache), lowest class and newest first. Batch
+work also keeps out of a block reserve, leaves some sequence slots free, and
+prefills in steps short enough for the interactive first-token target.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 from twolane.scheduler.block_manager import BlockManager
 from twolane.scheduler.request import FinishReason, Priority
 from twolane.scheduler.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class LanePolicy:
+    """How much room batch work leaves for the interactive lane (see EngineConfig)."""
+
+    reserved_block_fraction: float = 0.0
+    max_batch_share: float = 1.0
+    interactive_ttft_target_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -41,16 +56,45 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+@dataclass
+class _Step:
+    """Working state of one `schedule` call."""
+
+    out: SchedulerOutput
+    budget: int
+    batch_budget: int
+    # Running sequences not yet considered this step, best first; victims come off the end.
+    queue: list[Sequence]
+
+    def take(self, seq: Sequence, num_new: int) -> None:
+        self.out.scheduled.append(ScheduledSequence(seq, num_new))
+        self.budget -= num_new
+        if seq.priority.is_batch:
+            self.batch_budget -= num_new
+
+
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: LanePolicy | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy or LanePolicy()
+        self.num_reserved_blocks = int(
+            block_manager.num_blocks * self.policy.reserved_block_fraction
+        )
+        self.max_num_batch_seqs = max(1, int(max_num_seqs * self.policy.max_batch_share))
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_preemptions_by_lane = {"interactive": 0, "batch": 0}
+        # Running estimate of a step's seconds per batched token, to size batch prefill.
+        self.seconds_per_token: float | None = None
 
     @property
     def has_work(self) -> bool:
@@ -61,14 +105,31 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self._enqueue(seq)
+        keys = [s.sort_key for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.sort_key), seq)
+
+    def observe_step(self, duration_s: float, num_tokens: int) -> None:
+        """Feed a finished step's duration into the per-token time estimate."""
+        if num_tokens <= 0:
+            return
+        sample = duration_s / num_tokens
+        prev = self.seconds_per_token
+        self.seconds_per_token = sample if prev is None else 0.8 * prev + 0.2 * sample
 
     def schedule(self, now_s: float) -> SchedulerOutput:
         out = SchedulerOutput(expired=self._drop_expired(now_s))
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
-        # Admitting new work right after preempting would only thrash the cache.
+        step = _Step(
+            out,
+            budget=self.max_num_batched_tokens,
+            batch_budget=self._batch_token_budget(),
+            queue=sorted(self.running, key=lambda s: s.sort_key),
+        )
+        self._schedule_running(step, batch=False)
+        self._admit_waiting(step, batch=False)
+        self._schedule_running(step, batch=True)
+        # Admitting batch work right after preempting would only thrash the cache.
         if not out.preempted:
-            self._schedule_waiting(out, budget)
+            self._admit_waiting(step, batch=True)
         return out
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -84,41 +145,80 @@ class Scheduler:
         seq.finish_reason = reason
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks and queue it for recompute."""
+        """Free a running sequence's blocks and queue it for recompute.
+
+        It keeps its arrival order, so it resumes ahead of newer work of its class.
+        """
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self.num_preemptions_by_lane["batch" if seq.priority.is_batch else "interactive"] += 1
         self.add(seq)
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        queue = sorted(self.running, key=lambda s: s.sort_key)
-        while queue and budget > 0:
-            seq = queue.pop(0)
+    def _batch_token_budget(self) -> int:
+        """Batch tokens per step such that a step lasts at most half the TTFT target."""
+        if self.seconds_per_token is None or math.isinf(self.policy.interactive_ttft_target_s):
+            return self.max_num_batched_tokens
+        target = 0.5 * self.policy.interactive_ttft_target_s / self.seconds_per_token
+        # Never below one decode per batch slot, or batch decodes would starve.
+        return max(self.max_num_batch_seqs, min(self.max_num_batched_tokens, int(target)))
+
+    def _schedule_running(self, step: _Step, batch: bool) -> None:
+        while step.queue and step.queue[0].priority.is_batch == batch:
+            seq = step.queue.pop(0)
+            budget = step.batch_budget if batch else step.budget
+            budget = min(budget, step.budget)
+            if budget <= 0:
+                continue  # keeps its blocks; runs again next step
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while self.block_manager.allocate(seq, num_new) is None:
-                victim = queue.pop() if queue else seq
-                self.preempt(victim)
-                out.preempted.append(victim)
+                victim = step.queue.pop() if step.queue else seq
+                self._preempt(step, victim)
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSequence(seq, num_new))
-                budget -= num_new
-        return budget
+                step.take(seq, num_new)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    def _admit_waiting(self, step: _Step, batch: bool) -> None:
+        while self.waiting and self.waiting[0].priority.is_batch == batch:
             seq = self.waiting[0]
+            budget = min(step.batch_budget, step.budget) if batch else step.budget
+            if budget <= 0:
+                return
+            if not self._has_slot(batch):
+                if batch or not self._preempt_batch_victim(step):
+                    return
+                continue
             prefix = self.block_manager.match_prefix(seq)
             num_new = min(seq.num_tokens - prefix.num_tokens, budget)
-            if self.block_manager.allocate(seq, num_new, prefix) is None:
-                break
+            reserve = self.num_reserved_blocks if batch else 0
+            if self.block_manager.allocate(seq, num_new, prefix, reserve) is None:
+                if batch or not self._preempt_batch_victim(step):
+                    return
+                continue
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
-            budget -= num_new
+            step.take(seq, num_new)
+
+    def _has_slot(self, batch: bool) -> bool:
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        if batch:
+            return sum(1 for s in self.running if s.priority.is_batch) < self.max_num_batch_seqs
+        return True
+
+    def _preempt_batch_victim(self, step: _Step) -> bool:
+        """Make room for interactive work: preempt the lowest-class, newest batch sequence."""
+        if not step.queue or not step.queue[-1].priority.is_batch:
+            return False
+        self._preempt(step, step.queue.pop())
+        return True
+
+    def _preempt(self, step: _Step, seq: Sequence) -> None:
+        self.preempt(seq)
+        step.out.preempted.append(seq)
 
     def _drop_expired(self, now_s: float) -> list[Sequence]:
         expired = [
@@ -129,7 +229,3 @@ class Scheduler:
         for seq in expired:
             self.finish(seq, FinishReason.DEADLINE)
         return expired
-
-    def _enqueue(self, seq: Sequence) -> None:
-        keys = [s.sort_key for s in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, seq.sort_key), seq)

@@ -1,0 +1,133 @@
+"""Two lanes on one engine: interactive work is never queued behind batch work."""
+
+from __future__ import annotations
+
+from engine_driver import collect, record_schedules
+
+from twolane.scheduler.config import EngineConfig
+from twolane.scheduler.engine import LLMEngine
+from twolane.scheduler.request import FinishReason, Priority, SamplingParams
+
+BATCH_PARAMS = SamplingParams(max_tokens=40, ignore_eos=True)
+
+
+def fill_with_batch(engine: LLMEngine, num_seqs: int, prompt_len: int = 20) -> None:
+    for i in range(num_seqs):
+        engine.add_request(
+            f"job-{i}",
+            prompt_token_ids=[(7 * i + j) % 250 for j in range(prompt_len)],
+            params=BATCH_PARAMS,
+            priority=(Priority.URGENT, Priority.STANDARD, Priority.BULK)[i % 3],
+        )
+    for _ in range(3):
+        engine.step()
+
+
+def add_interactive(engine: LLMEngine) -> None:
+    engine.add_request(
+        "chat", prompt_token_ids=[1, 2, 3, 4, 5], params=SamplingParams(max_tokens=4)
+    )
+
+
+def scheduled_ids(engine: LLMEngine) -> set[str]:
+    schedules = record_schedules(engine)
+    engine.step()
+    return {s.seq.request_id for s in schedules[-1].scheduled}
+
+
+def test_interactive_takes_a_slot_from_batch_in_the_next_step() -> None:
+    config = EngineConfig(model="builtin", num_blocks=256, max_num_seqs=4, max_batch_share=1.0)
+    engine = LLMEngine(config)
+    fill_with_batch(engine, 6)
+    assert len(engine.scheduler.running) == 4
+    add_interactive(engine)
+    assert "chat" in scheduled_ids(engine)
+    assert engine.stats().num_preemptions == 1
+    # Running were urgent job-0, job-3 and standard job-1, job-4: the victim is the
+    # lowest class, newest of them.
+    preempted = [s.request_id for s in engine.scheduler.waiting if s.num_preemptions]
+    assert preempted == ["job-4"]
+
+
+def test_interactive_takes_blocks_from_batch_in_the_next_step() -> None:
+    config = EngineConfig(
+        model="builtin",
+        num_blocks=12,
+        block_size=8,
+        reserved_block_fraction=0.0,
+        max_batch_share=1.0,
+    )
+    engine = LLMEngine(config)
+    fill_with_batch(engine, 4, prompt_len=22)  # 3 blocks each: the cache is full
+    assert engine.block_manager.num_free_blocks == 0
+    add_interactive(engine)
+    assert "chat" in scheduled_ids(engine)
+    assert engine.stats().num_preemptions >= 1
+
+
+def test_interactive_takes_token_budget_from_batch_prefill_in_the_next_step() -> None:
+    config = EngineConfig(model="builtin", num_blocks=256, max_num_batched_tokens=32)
+    engine = LLMEngine(config)
+    # Long batch prompts keep every step's budget busy with prefill chunks.
+    for i in range(3):
+        engine.add_request(
+            f"job-{i}", prompt_token_ids=[i + 1] * 200, params=BATCH_PARAMS, priority=Priority.BULK
+        )
+    engine.step()
+    add_interactive(engine)
+    schedules = record_schedules(engine)
+    engine.step()
+    chat = [s for s in schedules[-1].scheduled if s.seq.request_id == "chat"]
+    assert chat and chat[0].num_new_tokens == 5
+
+
+def test_batch_work_leaves_the_block_reserve_free() -> None:
+    config = EngineConfig(
+        model="builtin", num_blocks=20, block_size=8, reserved_block_fraction=0.25
+    )
+    engine = LLMEngine(config)
+    fill_with_batch(engine, 10, prompt_len=15)
+    # 25% of 20 blocks stays free while batch prompts are admitted.
+    assert engine.block_manager.num_free_blocks >= 5 - len(engine.scheduler.running)
+    assert len(engine.scheduler.waiting) > 0
+
+
+def test_preempted_batch_job_gives_the_same_greedy_output_and_reuses_its_prefix() -> None:
+    prompt = [(3 * j) % 250 for j in range(40)]
+    solo = LLMEngine(EngineConfig(model="builtin", num_blocks=64, block_size=8))
+    expected = solo.generate([prompt], BATCH_PARAMS)[0]
+
+    config = EngineConfig(
+        model="builtin", num_blocks=64, block_size=8, max_num_seqs=1, max_batch_share=1.0
+    )
+    engine = LLMEngine(config)
+    engine.add_request(
+        "job", prompt_token_ids=prompt, params=BATCH_PARAMS, priority=Priority.STANDARD
+    )
+    results: dict = {}
+    for _ in range(5):
+        collect(results, engine.step())
+    add_interactive(engine)
+    while engine.has_unfinished:
+        collect(results, engine.step())
+    assert engine.stats().num_preemptions == 1
+    assert results["chat"].finish_reason is FinishReason.LENGTH
+    assert results["job"].token_ids == expected
+    # On resume the prompt's full blocks came back from the prefix cache.
+    assert results["job"].outputs[-1].num_cached_tokens >= 40
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_preempted_batch_resumes_ahead_of_newer_batch_work() -> None:
+    config = EngineConfig(model="builtin", num_blocks=64, max_num_seqs=1, max_batch_share=1.0)
+    engine = LLMEngine(config)
+    engine.add_request(
+        "old", prompt_token_ids=[1] * 5, params=BATCH_PARAMS, priority=Priority.STANDARD
+    )
+    engine.step()
+    engine.add_request(
+        "new", prompt_token_ids=[2] * 5, params=BATCH_PARAMS, priority=Priority.STANDARD
+    )
+    add_interactive(engine)
+    engine.step()  # chat preempts "old"
+    assert [s.request_id for s in engine.scheduler.waiting] == ["old", "new"]
