@@ -11,6 +11,8 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "twolane.services.serve",
     "twolane.services.client",
+    "twolane.services.split",
+    "twolane.services.job_cli",
 )
 
 

@@ -232,8 +232,20 @@ class JobStore:
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
             await self.buckets.results.create(job_id, result.SerializeToString())
 
+    async def event_published(self, record: job_record_pb2.JobRecord) -> bool:
+        subject = jetstream.result_subject(record.tenant, record.job_id)
+        try:
+            await self.js.get_last_msg(jetstream.RESULTS_STREAM, subject)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
     async def publish_event(self, record: job_record_pb2.JobRecord) -> None:
-        """The completion event; its Nats-Msg-Id makes a second publish a no-op."""
+        """The completion event, published by whoever made the final transition.
+
+        Its Nats-Msg-Id keeps a second publish out of the stream, but a plain
+        subscriber would still see it, so callers publish at most once.
+        """
         event = jobs_pb2.JobEvent(
             job_id=record.job_id,
             tenant=record.tenant,

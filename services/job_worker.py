@@ -230,10 +230,7 @@ class JobWorker:
             return
         sequence = msg.metadata.sequence.stream
         if stored.record.state in TERMINAL_STATES:
-            # Finished already (cancelled while queued, or finished by a worker that
-            # died before its ack): make sure the event is out, then drop the message.
-            await self.store.publish_event(stored.record)
-            await msg.ack()
+            await self._settle_finished(msg, stored.record)
             return
         if _deadline_passed(stored.record):
             await self._finish(job_id, jobs_pb2.JOB_STATE_EXPIRED, "the deadline passed")
@@ -256,8 +253,9 @@ class JobWorker:
         stored, claimed = await self.store.transition(job_id, claim)
         if not claimed:
             if stored.record.state in TERMINAL_STATES:
-                await self.store.publish_event(stored.record)
-            await msg.ack()  # a second ticket for a job another message runs
+                await self._settle_finished(msg, stored.record)
+            else:
+                await msg.ack()  # a second ticket for a job another message runs
             return
         log.info(
             "job started",
@@ -361,6 +359,24 @@ class JobWorker:
 
     # ---- endings -----------------------------------------------------------------
 
+    async def _settle_finished(self, msg: Msg, record: job_record_pb2.JobRecord) -> None:
+        """A message for a job that is already final (cancelled while queued, or
+        finished by a worker that died before its ack): drop it once the event is out.
+
+        Whoever made the final transition publishes the event. Only when it has not
+        appeared long after the job finished is that writer presumed dead, and the
+        event published here.
+        """
+        if await self.store.event_published(record):
+            await msg.ack()
+            return
+        finished_ago_s = (time.time_ns() - record.finished_at.ToNanoseconds()) / 1e9
+        if finished_ago_s < self.config.ack_wait_s:
+            await msg.nak(delay=self.config.ack_wait_s)
+            return
+        await self.store.publish_event(record)
+        await msg.ack()
+
     async def _finish(
         self,
         job_id: str,
@@ -383,8 +399,9 @@ class JobWorker:
             record.finished_at.CopyFrom(now_timestamp())
             return True
 
-        stored, _ = await self.store.transition(job_id, conclude)
-        await self.store.publish_event(stored.record)
+        stored, concluded = await self.store.transition(job_id, conclude)
+        if concluded:
+            await self.store.publish_event(stored.record)
 
     async def _retry_or_dead_letter(self, msg: Msg, tier: str, job_id: str, reason: str) -> None:
         num_delivered = msg.metadata.num_delivered

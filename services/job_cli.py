@@ -1,0 +1,353 @@
+"""`twolane submit | result | watch | batch`: the batch lane from the command line.
+
+`batch` reads OpenAI Batch API style JSONL (one request per line with a
+`custom_id`) and writes one result per line, matched by `custom_id`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats
+import nats.errors
+import nats.js.errors
+from google.protobuf import json_format
+from tqdm import tqdm
+
+from twolane.services import jetstream
+from twolane.services.client import describe_error
+from twolane.services.config import DEFAULT_PORT, default_data_dir, env_default
+from twolane.services.nats_embedded import read_url_file
+from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
+
+TIERS = {
+    "urgent": jobs_pb2.JOB_TIER_URGENT,
+    "standard": jobs_pb2.JOB_TIER_STANDARD,
+    "bulk": jobs_pb2.JOB_TIER_BULK,
+}
+FINAL_STATES = frozenset(
+    {
+        jobs_pb2.JOB_STATE_SUCCEEDED,
+        jobs_pb2.JOB_STATE_FAILED,
+        jobs_pb2.JOB_STATE_CANCELLED,
+        jobs_pb2.JOB_STATE_EXPIRED,
+    }
+)
+POLL_INTERVAL_S = 0.2
+MAX_CONCURRENT_CALLS = 32
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    submit = subparsers.add_parser("submit", help="queue a job and print its id")
+    submit.add_argument("prompt")
+    _add_sampling(submit)
+    submit.add_argument("--tier", choices=tuple(TIERS), default="standard")
+    submit.add_argument("--idempotency-key", default="")
+    submit.add_argument("--custom-id", default="")
+    submit.add_argument("--deadline", type=float, default=None, help="seconds from now")
+    _add_target(submit)
+    submit.set_defaults(func=submit_main)
+
+    result = subparsers.add_parser("result", help="print a job's state and result as JSON")
+    result.add_argument("job_id")
+    _add_target(result)
+    result.set_defaults(func=result_main)
+
+    cancel = subparsers.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    _add_target(cancel)
+    cancel.set_defaults(func=cancel_main)
+
+    watch = subparsers.add_parser(
+        "watch", help="wait for a job's completion event on NATS and print it as JSON"
+    )
+    watch.add_argument("job_id")
+    watch.add_argument("--tenant", default=jetstream.DEFAULT_TENANT)
+    watch.add_argument(
+        "--nats-url",
+        default=env_default("TWOLANE_NATS_URL", ""),
+        help="NATS URL; unset, the one `twolane serve` wrote to --data-dir (env TWOLANE_NATS_URL)",
+    )
+    watch.add_argument("--data-dir", default=env_default("TWOLANE_DATA_DIR", default_data_dir()))
+    watch.add_argument("--timeout", type=float, default=None, help="give up after this many s")
+    watch.set_defaults(func=watch_main)
+
+    batch = subparsers.add_parser(
+        "batch", help="run a JSONL file of requests as jobs and write their results"
+    )
+    batch.add_argument("input", type=Path, help="JSONL, one request per line with a custom_id")
+    batch.add_argument("-o", "--output", type=Path, required=True, help="JSONL results")
+    batch.add_argument("--tier", choices=tuple(TIERS), default="bulk")
+    batch.add_argument("--max-tokens", type=int, default=64, help="for lines that set none")
+    _add_target(batch)
+    batch.set_defaults(func=batch_main)
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default=env_default("TWOLANE_TARGET", f"127.0.0.1:{DEFAULT_PORT}"),
+        help="server address HOST:PORT (env TWOLANE_TARGET)",
+    )
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+# ---- submit, result, cancel ---------------------------------------------------------
+
+
+def submit_main(args: argparse.Namespace) -> int:
+    params = generate_pb2.SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop
+    )
+    if args.seed is not None:
+        params.seed = args.seed
+    request = jobs_pb2.SubmitJobRequest(
+        request=generate_pb2.GenerateRequest(prompt=args.prompt, params=params),
+        tier=TIERS[args.tier],
+        idempotency_key=args.idempotency_key,
+        custom_id=args.custom_id,
+    )
+    if args.deadline is not None:
+        request.deadline.FromNanoseconds(time.time_ns() + int(args.deadline * 1e9))
+    with grpc.insecure_channel(args.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        try:
+            response = stub.SubmitJob(request, timeout=30)
+        except grpc.RpcError as err:
+            print(describe_error(err), file=sys.stderr)
+            return 1
+    print(response.job_id)
+    return 0
+
+
+def result_main(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        try:
+            response = stub.GetResult(jobs_pb2.GetResultRequest(job_id=args.job_id), timeout=30)
+        except grpc.RpcError as err:
+            print(describe_error(err), file=sys.stderr)
+            return 1
+    print(_to_json(response))
+    return 0
+
+
+def cancel_main(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        try:
+            response = stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=args.job_id), timeout=30)
+        except grpc.RpcError as err:
+            print(describe_error(err), file=sys.stderr)
+            return 1
+    print(_to_json(response))
+    return 0
+
+
+def _to_json(message: Any) -> str:
+    return json.dumps(json_format.MessageToDict(message), ensure_ascii=False)
+
+
+# ---- watch --------------------------------------------------------------------------
+
+
+def watch_main(args: argparse.Namespace) -> int:
+    url = args.nats_url or read_url_file(Path(args.data_dir))
+    if not url:
+        print(
+            "twolane watch: no NATS URL: pass --nats-url, or start `twolane serve` "
+            f"with the data dir {args.data_dir}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        event = asyncio.run(watch(url, args.tenant, args.job_id, args.timeout))
+    except (OSError, nats.errors.Error) as exc:
+        print(f"twolane watch: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        return 1
+    if event is None:
+        print(f"twolane watch: no event for job {args.job_id} in time", file=sys.stderr)
+        return 1
+    print(_to_json(event))
+    return 0 if event.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+async def watch(
+    url: str, tenant: str, job_id: str, timeout_s: float | None
+) -> jobs_pb2.JobEvent | None:
+    """The job's completion event: the stored one if it is out, else the next one."""
+    subject = jetstream.result_subject(tenant, job_id)
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=-1)
+    try:
+        # Subscribe before looking back, so an event published in between is not missed.
+        sub = await nc.subscribe(subject, max_msgs=1)
+        try:
+            stored = await nc.jetstream().get_last_msg(jetstream.RESULTS_STREAM, subject)
+            return jobs_pb2.JobEvent.FromString(stored.data)
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            msg = await sub.next_msg(timeout=timeout_s or 365 * 24 * 3600.0)
+        except nats.errors.TimeoutError:
+            return None
+        return jobs_pb2.JobEvent.FromString(msg.data)
+    finally:
+        await nc.close()
+
+
+# ---- batch --------------------------------------------------------------------------
+
+
+class BatchInputError(ValueError):
+    pass
+
+
+def batch_main(args: argparse.Namespace) -> int:
+    try:
+        lines = args.input.read_text().splitlines()
+        requests = list(parse_batch(lines, TIERS[args.tier], args.max_tokens))
+    except (OSError, BatchInputError) as exc:
+        print(f"twolane batch: {exc}", file=sys.stderr)
+        return 2
+    # The same file resubmitted reuses its jobs instead of running them again.
+    batch_key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    for custom_id, request in requests:
+        request.idempotency_key = f"batch-{batch_key}-{custom_id}"
+    try:
+        rows = asyncio.run(run_batch(args.target, requests))
+    except grpc.aio.AioRpcError as err:
+        print(describe_error(err), file=sys.stderr)
+        return 1
+    with args.output.open("w") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    num_failed = sum(row["error"] is not None for row in rows)
+    print(
+        f"{len(rows) - num_failed} of {len(rows)} requests succeeded; results in {args.output}",
+        file=sys.stderr,
+    )
+    return 0 if num_failed == 0 else 1
+
+
+def parse_batch(
+    lines: list[str], tier: jobs_pb2.JobTier.ValueType, default_max_tokens: int
+) -> Iterator[tuple[str, jobs_pb2.SubmitJobRequest]]:
+    """OpenAI Batch lines ({"custom_id", "body": {"prompt", ...}}) or flat ones."""
+    seen: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BatchInputError(f"line {number}: not JSON ({exc})") from exc
+        custom_id = str(row.get("custom_id", ""))
+        if not custom_id:
+            raise BatchInputError(f"line {number}: custom_id is missing")
+        if custom_id in seen:
+            raise BatchInputError(f"line {number}: custom_id {custom_id!r} is repeated")
+        seen.add(custom_id)
+        body = row.get("body", row)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise BatchInputError(f"line {number}: body.prompt must be a non-empty string")
+        params = generate_pb2.SamplingParams(
+            max_tokens=int(body.get("max_tokens", default_max_tokens)),
+            temperature=float(body.get("temperature", 0.0)),
+        )
+        if "top_p" in body:
+            params.top_p = float(body["top_p"])
+        if "seed" in body:
+            params.seed = int(body["seed"])
+        stop = body.get("stop") or []
+        params.stop.extend([stop] if isinstance(stop, str) else stop)
+        yield (
+            custom_id,
+            jobs_pb2.SubmitJobRequest(
+                request=generate_pb2.GenerateRequest(prompt=prompt, params=params),
+                tier=tier,
+                custom_id=custom_id,
+            ),
+        )
+
+
+async def run_batch(
+    target: str, requests: list[tuple[str, jobs_pb2.SubmitJobRequest]]
+) -> list[dict[str, Any]]:
+    """Submit every request, wait for every job, return output rows in input order."""
+    limit = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+        async def submit(request: jobs_pb2.SubmitJobRequest) -> jobs_pb2.SubmitJobResponse:
+            async with limit:
+                return await stub.SubmitJob(request, timeout=60)
+
+        submitted = await asyncio.gather(*(submit(request) for _, request in requests))
+        with tqdm(total=len(requests), desc="jobs", unit="job") as progress:
+
+            async def finish(job_id: str) -> jobs_pb2.GetResultResponse:
+                while True:
+                    async with limit:
+                        result = await stub.GetResult(
+                            jobs_pb2.GetResultRequest(job_id=job_id), timeout=60
+                        )
+                    if result.state in FINAL_STATES:
+                        progress.update(1)
+                        return result
+                    await asyncio.sleep(POLL_INTERVAL_S)
+
+            results = await asyncio.gather(*(finish(s.job_id) for s in submitted))
+    return [
+        batch_row(custom_id, result)
+        for (custom_id, _), result in zip(requests, results, strict=True)
+    ]
+
+
+def batch_row(custom_id: str, result: jobs_pb2.GetResultResponse) -> dict[str, Any]:
+    """One output line, shaped like an OpenAI Batch API result."""
+    if result.state != jobs_pb2.JOB_STATE_SUCCEEDED or not result.HasField("result"):
+        state = jobs_pb2.JobState.Name(result.state).removeprefix("JOB_STATE_").lower()
+        return {
+            "id": result.job_id,
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": state, "message": result.error or state},
+        }
+    generated = result.result
+    return {
+        "id": result.job_id,
+        "custom_id": custom_id,
+        "response": {
+            "status_code": 200,
+            "body": {
+                "text": generated.text,
+                "token_ids": list(generated.token_ids),
+                "finish_reason": generate_pb2.FinishReason.Name(generated.finish_reason)
+                .removeprefix("FINISH_REASON_")
+                .lower(),
+                "usage": {
+                    "prompt_tokens": generated.usage.prompt_tokens,
+                    "completion_tokens": generated.usage.completion_tokens,
+                    "total_tokens": generated.usage.prompt_tokens
+                    + generated.usage.completion_tokens,
+                },
+            },
+        },
+        "error": None,
+    }

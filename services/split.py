@@ -1,0 +1,311 @@
+"""`twolane gateway` and `twolane worker`: the two lanes as separate processes on one NATS.
+
+A worker hosts an engine, consumes jobs from JetStream (many workers share the
+consumers) and serves InferenceService on its own port for the gateway. The
+gateway has no model: it keeps the public API, forwards Generate,
+GenerateStream and GetStats to its workers in turn (`--worker HOST:PORT`,
+repeatable) and serves SubmitJob, GetResult and CancelJob from JetStream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from twolane.services import jobs
+from twolane.services.config import DEFAULT_PORT, JobsConfig, ServeConfig, env_default, env_flag
+from twolane.services.errors import NotConfiguredError
+from twolane.services.jobs import JobService
+from twolane.services.logging import LOG_LEVELS, configure_logging
+from twolane.services.serve import SERVICE_NAME, serve
+from twolane.services.status import grpc_errors
+from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
+
+log = structlog.get_logger(__name__)
+
+_NO_DEADLINE_S = 365 * 24 * 3600.0
+_NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): split processes share one NATS"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    gateway = subparsers.add_parser(
+        "gateway",
+        help="serve the public API; forward generation to workers, jobs to NATS",
+        description="The public gRPC API without a model: interactive calls go to workers, "
+        "jobs to JetStream.",
+    )
+    GatewayConfig.add_arguments(gateway)
+    gateway.set_defaults(func=gateway_main)
+    worker = subparsers.add_parser(
+        "worker",
+        help="host an engine: run jobs from NATS and serve the gateway",
+        description="An engine that consumes jobs from JetStream and serves InferenceService "
+        "for a gateway on --port.",
+    )
+    ServeConfig.add_arguments(worker)
+    worker.set_defaults(func=worker_main)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything `twolane gateway` needs.
+
+    Args:
+        host, port: where the public API listens (port 0 picks a free one).
+        workers: HOST:PORT of each worker's InferenceService, used in turn.
+        log_json, log_level, grace_period_s: as for `twolane serve`.
+        jobs: the batch lane; `jobs.nats_url` is required.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    workers: tuple[str, ...] = ()
+    log_json: bool = False
+    log_level: str = "info"
+    grace_period_s: float = 10.0
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if not self.jobs.nats_url:
+            raise ValueError(_NEEDS_NATS)
+        for worker in self.workers:
+            if ":" not in worker:
+                raise ValueError(f"--worker takes HOST:PORT, got {worker!r}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add = parser.add_argument
+        add("--host", default=env_default("TWOLANE_HOST", "127.0.0.1"), help="env TWOLANE_HOST")
+        add(
+            "--port",
+            type=int,
+            default=env_default("TWOLANE_PORT", str(DEFAULT_PORT)),
+            help="port; 0 picks a free one (env TWOLANE_PORT)",
+        )
+        add(
+            "--worker",
+            dest="workers",
+            action="append",
+            default=[w for w in env_default("TWOLANE_WORKERS", "").split(",") if w],
+            help="a worker's HOST:PORT, repeatable; used round robin "
+            "(env TWOLANE_WORKERS, comma separated)",
+        )
+        add("--log-json", action="store_true", default=env_flag("TWOLANE_LOG_JSON"))
+        add("--log-level", choices=LOG_LEVELS, default=env_default("TWOLANE_LOG_LEVEL", "info"))
+        add(
+            "--grace-period",
+            dest="grace_period_s",
+            type=float,
+            default=env_default("TWOLANE_GRACE_PERIOD_S", "10"),
+        )
+        JobsConfig.add_arguments(parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
+        return cls(
+            host=args.host,
+            port=args.port,
+            workers=tuple(args.workers),
+            log_json=args.log_json,
+            log_level=args.log_level,
+            grace_period_s=args.grace_period_s,
+            jobs=JobsConfig.from_args(args),
+        )
+
+
+# ---- the worker -----------------------------------------------------------------------
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    try:
+        config = ServeConfig.from_args(args)
+        if not config.jobs.nats_url:
+            raise ValueError(_NEEDS_NATS)
+    except ValueError as exc:
+        print(f"twolane worker: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(json=config.log_json, level=config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except (OSError, ValueError) as exc:
+        log.error("startup failed", error=str(exc))
+        return 1
+    return 0
+
+
+# ---- the gateway ----------------------------------------------------------------------
+
+
+def gateway_main(args: argparse.Namespace) -> int:
+    try:
+        config = GatewayConfig.from_args(args)
+    except ValueError as exc:
+        print(f"twolane gateway: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(json=config.log_json, level=config.log_level)
+    try:
+        asyncio.run(run_gateway(config))
+    except (OSError, ValueError) as exc:
+        log.error("startup failed", error=str(exc))
+        return 1
+    return 0
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        _, store = await jobs.start_job_store(
+            stack, config.jobs, jobs.shape_validator, name="twolane-gateway"
+        )
+        servicer = GatewayServicer(config.workers, store)
+        stack.push_async_callback(servicer.close)
+        await start_gateway_server(stack, config, servicer)
+        await stop.wait()
+        log.info("draining", grace_period_s=config.grace_period_s)
+    log.info("stopped")
+
+
+async def start_gateway_server(
+    stack: contextlib.AsyncExitStack, config: GatewayConfig, servicer: GatewayServicer
+) -> None:
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(config.address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {config.address}: {exc}") from exc
+    await server.start()
+
+    async def drain() -> None:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(config.grace_period_s)
+
+    stack.push_async_callback(drain)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "listening",
+        host=config.host,
+        port=port,
+        address=f"{config.host}:{port}",
+        workers=list(config.workers),
+    )
+
+
+class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """InferenceService without a model: generation on workers, jobs on JetStream."""
+
+    def __init__(self, workers: tuple[str, ...], jobs: JobService) -> None:
+        self._channels = [grpc.aio.insecure_channel(worker) for worker in workers]
+        self._stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in self._channels]
+        self._turn = itertools.count()
+        self._jobs = jobs
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    def _worker(self) -> inference_pb2_grpc.InferenceServiceStub:
+        if not self._stubs:
+            raise NotConfiguredError(
+                "this gateway has no workers for generation: start it with --worker HOST:PORT"
+            )
+        return self._stubs[next(self._turn) % len(self._stubs)]
+
+    @grpc_errors
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.GenerateResponse:
+        stub = self._worker()
+        try:
+            return await stub.Generate(request, timeout=_timeout_s(context))
+        except grpc.aio.AioRpcError as err:
+            await _relay(context, err)
+            raise
+
+    @grpc_errors
+    async def GenerateStream(
+        self, request: generate_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
+        call = self._worker().GenerateStream(request, timeout=_timeout_s(context))
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as err:
+            await _relay(context, err)
+        finally:
+            # A client that left early stops the worker's request too.
+            call.cancel()
+
+    @grpc_errors
+    async def GetStats(
+        self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GetStatsResponse:
+        try:
+            return await self._worker().GetStats(request, timeout=_timeout_s(context))
+        except grpc.aio.AioRpcError as err:
+            await _relay(context, err)
+            raise
+
+    @grpc_errors
+    async def SubmitJob(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        return await self._jobs.submit_job(request)
+
+    @grpc_errors
+    async def GetResult(
+        self, request: jobs_pb2.GetResultRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetResultResponse:
+        return await self._jobs.get_result(request)
+
+    @grpc_errors
+    async def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.CancelJobResponse:
+        return await self._jobs.cancel_job(request)
+
+
+async def _relay(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
+    """The worker's status, message and error details, unchanged, to the client."""
+    trailers = tuple(
+        (key, value)
+        for key, value in (err.trailing_metadata() or ())
+        if key == "grpc-status-details-bin"
+    )
+    await context.abort(err.code(), err.details() or "", trailers)
+
+
+def _timeout_s(context: grpc.aio.ServicerContext) -> float | None:
+    remaining_s = context.time_remaining()
+    if remaining_s is None or remaining_s > _NO_DEADLINE_S:
+        return None
+    return remaining_s
