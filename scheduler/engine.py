@@ -22,6 +22,7 @@ from twolane.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from twolane.scheduler.block_manager import BlockManager
 from twolane.scheduler.config import EngineConfig
 from twolane.scheduler.errors import InvalidRequestError
+from twolane.scheduler.metrics import EngineMetrics
 from twolane.scheduler.request import FinishReason, Priority, RequestOutput, SamplingParams
 from twolane.scheduler.scheduler import LanePolicy, Scheduler
 from twolane.scheduler.sequence import Sequence
@@ -34,6 +35,9 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_waiting_interactive: int
+    num_running_batch: int
+    num_waiting_batch: int
+    max_num_batch_seqs: int
     num_free_blocks: int
     num_used_blocks: int
     num_total_blocks: int
@@ -90,6 +94,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, self.model_config, backend, num_blocks, config.block_size, dtype, config.device
         )
+        self.metrics = EngineMetrics()
         self._requests: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
@@ -195,7 +200,13 @@ class LLMEngine:
         """Run one scheduling step and return the outputs it produced."""
         now = time.monotonic()
         sched = self.scheduler.schedule(now)
+        for seq in sched.expired:
+            self.metrics.observe_finished(seq, now)
         outputs = [self._final_output(self._requests.pop(s.request_id)) for s in sched.expired]
+        self.metrics.observe_preempted(sched.preempted)
+        self.metrics.observe_queues(
+            self.scheduler.running, self.scheduler.waiting, self.block_manager.num_free_blocks
+        )
         if not sched.scheduled:
             return outputs
         self.num_steps += 1
@@ -269,6 +280,7 @@ class LLMEngine:
         self, state: _RequestState, reason: FinishReason, error: str | None = None
     ) -> RequestOutput:
         self.scheduler.finish(state.seq, reason)
+        self.metrics.observe_finished(state.seq, time.monotonic())
         self._requests.pop(state.seq.request_id, None)
         return self._final_output(state, error)
 
@@ -317,6 +329,9 @@ class LLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_waiting_interactive=self.scheduler.num_waiting_of(Priority.INTERACTIVE),
+            num_running_batch=sum(1 for s in self.scheduler.running if s.priority.is_batch),
+            num_waiting_batch=sum(1 for s in self.scheduler.waiting if s.priority.is_batch),
+            max_num_batch_seqs=self.scheduler.max_num_batch_seqs,
             num_free_blocks=bm.num_free_blocks,
             num_used_blocks=bm.num_used_blocks,
             num_total_blocks=bm.num_blocks,

@@ -131,3 +131,25 @@ def test_preempted_batch_resumes_ahead_of_newer_batch_work() -> None:
     add_interactive(engine)
     engine.step()  # chat preempts "old"
     assert [s.request_id for s in engine.scheduler.waiting] == ["old", "new"]
+
+
+def test_metrics_are_kept_per_lane() -> None:
+    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=64, max_num_seqs=1))
+    engine.add_request("job", prompt_token_ids=[1] * 5, params=BATCH_PARAMS, priority=Priority.BULK)
+    engine.step()
+    add_interactive(engine)
+    while engine.has_unfinished:
+        engine.step()
+    registry = engine.metrics.registry
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("twolane_time_to_first_token_seconds_count", lane="interactive") == 1
+    assert value("twolane_time_to_first_token_seconds_count", lane="batch") == 1
+    assert value("twolane_preemptions_total", lane="batch") == 1
+    assert value("twolane_output_tokens_total", lane="batch") == 40
+    assert value("twolane_requests_finished_total", lane="interactive", reason="length") == 1
+    assert value("twolane_time_per_output_token_seconds_count", lane="interactive") == 1
+    stats = engine.stats()
+    assert (stats.num_running_batch, stats.num_waiting_batch) == (0, 0)
