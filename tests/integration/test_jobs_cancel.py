@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -111,3 +112,21 @@ async def test_queued_jobs_start_urgent_then_standard_then_bulk(
     assert {r.state for r in results.values()} == {jobs_pb2.JOB_STATE_SUCCEEDED}
     bulk, standard, urgent = (results[i].started_at.ToNanoseconds() for i in ids)
     assert urgent < standard < bulk
+
+
+async def test_a_job_whose_deadline_passes_in_the_queue_expires(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    blocker = await start_long_job(stub)
+    request = job_request("too late")
+    deadline_ns = time.time_ns() + 300_000_000
+    request.deadline.FromNanoseconds(deadline_ns)
+    job_id = (await stub.SubmitJob(request)).job_id
+    while time.time_ns() <= deadline_ns:
+        await asyncio.sleep(0.05)
+    await stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=blocker))
+
+    result = (await wait_for_states(stub, [job_id]))[job_id]
+    assert result.state == jobs_pb2.JOB_STATE_EXPIRED
+    assert "deadline" in result.error
+    assert not result.HasField("result")
