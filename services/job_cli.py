@@ -266,16 +266,10 @@ def parse_batch(
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise BatchInputError(f"line {number}: body.prompt must be a non-empty string")
-        params = generate_pb2.SamplingParams(
-            max_tokens=int(body.get("max_tokens", default_max_tokens)),
-            temperature=float(body.get("temperature", 0.0)),
-        )
-        if "top_p" in body:
-            params.top_p = float(body["top_p"])
-        if "seed" in body:
-            params.seed = int(body["seed"])
-        stop = body.get("stop") or []
-        params.stop.extend([stop] if isinstance(stop, str) else stop)
+        try:
+            params = _sampling_params(body, default_max_tokens)
+        except (TypeError, ValueError) as exc:
+            raise BatchInputError(f"line {number}: bad sampling parameter ({exc})") from exc
         yield (
             custom_id,
             jobs_pb2.SubmitJobRequest(
@@ -284,6 +278,20 @@ def parse_batch(
                 custom_id=custom_id,
             ),
         )
+
+
+def _sampling_params(body: dict[str, Any], default_max_tokens: int) -> generate_pb2.SamplingParams:
+    params = generate_pb2.SamplingParams(
+        max_tokens=int(body.get("max_tokens", default_max_tokens)),
+        temperature=float(body.get("temperature", 0.0)),
+    )
+    if "top_p" in body:
+        params.top_p = float(body["top_p"])
+    if "seed" in body:
+        params.seed = int(body["seed"])
+    stop = body.get("stop") or []
+    params.stop.extend([stop] if isinstance(stop, str) else stop)
+    return params
 
 
 async def run_batch(
