@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from twolane.kernels.reference import store_kv_cache_ref
-from twolane.kernels.torch_attention import paged_attention_decode_batched, paged_attention_mixed
+from twolane.kernels.torch_attention import SequencePlan, paged_attention_torch, plan_sequences
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,13 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """What CPU serving runs: batched torch decodes, reference prefill chunks."""
+    """What CPU serving runs: one torch loop over the step's sequences."""
 
     name = "torch"
+
+    def __init__(self) -> None:
+        self._planned_for: AttentionMetadata | None = None
+        self._plans: list[SequencePlan] = []
 
     def forward(
         self,
@@ -62,19 +66,13 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         store_kv_cache_ref(key, value, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode_only:
-            return paged_attention_decode_batched(
-                query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
+        if meta is not self._planned_for:
+            # Every layer of a step shares one metadata object: plan once per step.
+            self._plans = plan_sequences(
+                meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1]
             )
-        return paged_attention_mixed(
-            query,
-            k_cache,
-            v_cache,
-            meta.query_start_loc,
-            meta.seq_lens,
-            meta.block_tables,
-            scale,
-        )
+            self._planned_for = meta
+        return paged_attention_torch(query, k_cache, v_cache, self._plans, scale)
 
 
 class TritonAttentionBackend:

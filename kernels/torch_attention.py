@@ -1,73 +1,80 @@
-"""Batched torch attention over the paged cache: the CPU serving path.
+"""Torch attention over the paged cache: the CPU serving path.
 
-The references in `reference.py` loop over sequences, which is clear but costs a
-dozen small ops per sequence per layer. Here all decoding sequences of a step share
-one gather and one masked attention, so a decode step's attention is a fixed number
-of ops whatever the batch size.
+One loop over the step's sequences, each doing a handful of ops. It beats padding
+the batch to the longest context (ragged contexts waste most of a padded batch) and
+the reference (which copies K/V once per query head): query heads of a group share
+one view of their KV head, and the cache is read through an index over whole blocks.
+Scores and softmax run in fp32; the products run in the cache dtype.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from twolane.kernels.reference import paged_prefill_attention_ref
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """Where one sequence's queries and context are; computed once per step, used by every layer."""
+
+    start: int
+    end: int
+    seq_len: int
+    blocks: torch.Tensor  # the sequence's blocks covering seq_len tokens, int64
 
 
-def paged_attention_decode_batched(
-    query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+def plan_sequences(
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32: cached tokens, this step's included
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    block_size: int,
+) -> list[SequencePlan]:
+    starts = query_start_loc.tolist()
+    tables = block_tables.long()
+    return [
+        SequencePlan(starts[i], starts[i + 1], seq_len, tables[i, : -(-seq_len // block_size)])
+        for i, seq_len in enumerate(seq_lens.tolist())
+        if starts[i + 1] > starts[i]
+    ]
+
+
+def paged_attention_torch(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32
+    plans: list[SequencePlan],
     scale: float,
-) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
-    num_seqs, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    num_blocks = -(-int(seq_lens.max()) // block_size)
-    tables = block_tables[:, :num_blocks].long()
-    max_len = num_blocks * block_size
-    # [num_seqs, num_kv_heads, max_len, head_dim]
-    keys = k_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    q = query.reshape(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(q.float(), keys.float().transpose(2, 3)) * scale
-    positions = torch.arange(max_len, device=query.device)
-    padding = positions[None, :] >= seq_lens[:, None]  # [num_seqs, max_len]
-    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, values.float())  # [num_seqs, num_kv_heads, group, head_dim]
-    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
-
-
-def paged_attention_mixed(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    scale: float,
-) -> torch.Tensor:
-    """A step mixing decodes and prefill chunks: decodes batched, prefill chunks one by one."""
-    query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    decoding = torch.nonzero(query_lens == 1).flatten()
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention for every sequence of a step, decodes and prefill chunks alike."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    group = query.shape[1] // num_kv_heads
     out = torch.empty_like(query)
-    if decoding.numel():
-        rows = query_start_loc[decoding].long()
-        out[rows] = paged_attention_decode_batched(
-            query[rows], k_cache, v_cache, block_tables[decoding], seq_lens[decoding], scale
-        )
-    starts = query_start_loc.tolist()
-    for i in torch.nonzero(query_lens > 1).flatten().tolist():
-        start, end = starts[i], starts[i + 1]
-        out[start:end] = paged_prefill_attention_ref(
-            query[start:end],
-            k_cache,
-            v_cache,
-            query_start_loc.new_tensor([0, end - start]),
-            seq_lens[i : i + 1],
-            block_tables[i : i + 1],
-            scale,
+    for plan in plans:
+        key = k_cache.index_select(0, plan.blocks).view(-1, num_kv_heads, head_dim)
+        value = v_cache.index_select(0, plan.blocks).view(-1, num_kv_heads, head_dim)
+        out[plan.start : plan.end] = _attend(
+            query[plan.start : plan.end], key[: plan.seq_len], value[: plan.seq_len], group, scale
         )
     return out
+
+
+def _attend(
+    query: torch.Tensor,  # [q_len, num_heads, head_dim]: the last q_len positions
+    key: torch.Tensor,  # [kv_len, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    group: int,
+    scale: float,
+) -> torch.Tensor:
+    q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads, _ = key.shape
+    # [num_kv_heads, group, q_len, head_dim] against [num_kv_heads, 1, head_dim, kv_len]
+    q = query.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    scores = torch.matmul(q, key.permute(1, 2, 0).unsqueeze(1)).float() * scale
+    if q_len > 1:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+        k_pos = torch.arange(kv_len, device=query.device)[None, :]
+        scores.masked_fill_(k_pos > q_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value.transpose(0, 1).unsqueeze(1))  # [Hkv, group, q_len, D]
+    return out.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
