@@ -4,7 +4,7 @@ One loop over the step's sequences, each doing a handful of ops. It beats paddin
 the batch to the longest context (ragged contexts waste most of a padded batch) and
 the reference (which copies K/V once per query head): query heads of a group share
 one view of their KV head, and the cache is read through an index over whole blocks.
-Scores and softmax run in fp32; the products run in the cache dtype.
+Everything runs in fp32, whatever the cache dtype.
 """
 
 from __future__ import annotations
@@ -50,11 +50,18 @@ def paged_attention_torch(
     num_kv_heads, head_dim = k_cache.shape[2:]
     group = query.shape[1] // num_kv_heads
     out = torch.empty_like(query)
+    # CPU products on strided 16-bit operands are several times slower than upcasting
+    # them first, so attention runs in fp32 whatever the cache dtype.
+    query32 = query.float()
     for plan in plans:
         key = k_cache.index_select(0, plan.blocks).view(-1, num_kv_heads, head_dim)
         value = v_cache.index_select(0, plan.blocks).view(-1, num_kv_heads, head_dim)
         out[plan.start : plan.end] = _attend(
-            query[plan.start : plan.end], key[: plan.seq_len], value[: plan.seq_len], group, scale
+            query32[plan.start : plan.end],
+            key[: plan.seq_len].float(),
+            value[: plan.seq_len].float(),
+            group,
+            scale,
         )
     return out
 
@@ -68,13 +75,21 @@ def _attend(
 ) -> torch.Tensor:
     q_len, num_heads, head_dim = query.shape
     kv_len, num_kv_heads, _ = key.shape
-    # [num_kv_heads, group, q_len, head_dim] against [num_kv_heads, 1, head_dim, kv_len]
+    # Fold the query heads of a group into the rows of one product per KV head:
+    # [num_kv_heads, group * q_len, head_dim] x [num_kv_heads, head_dim, kv_len].
     q = query.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-    scores = torch.matmul(q, key.permute(1, 2, 0).unsqueeze(1)).float() * scale
+    q = q.reshape(num_kv_heads, group * q_len, head_dim)
+    scores = torch.bmm(q, key.permute(1, 2, 0)) * scale
     if q_len > 1:
+        scores = scores.view(num_kv_heads, group, q_len, kv_len)
         q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
         k_pos = torch.arange(kv_len, device=query.device)[None, :]
         scores.masked_fill_(k_pos > q_pos, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value.transpose(0, 1).unsqueeze(1))  # [Hkv, group, q_len, D]
-    return out.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
+        scores = scores.view(num_kv_heads, group * q_len, kv_len)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.bmm(probs, value.transpose(0, 1))  # [num_kv_heads, group * q_len, head_dim]
+    return (
+        out.view(num_kv_heads, group, q_len, head_dim)
+        .permute(2, 0, 1, 3)
+        .reshape(q_len, num_heads, head_dim)
+    )
