@@ -81,3 +81,11 @@ clean: ## Remove the virtual environment and caches
 .PHONY: gpu-check
 gpu-check: setup ## On one CUDA GPU: kernel tests compiled, decode vs SDPA and memory floor, engine tok/s
 	$(PY) bench/gpu_check.py
+
+.PHONY: bench
+bench: setup ## Benchmark twolane vs transformers baselines (both models, fp32+bf16, ~15 min)
+	$(BIN)/twolane bench
+
+.PHONY: bench-quick
+bench-quick: setup ## The benchmark's quick mode: tiny model, fp32, under 2 minutes
+	$(BIN)/twolane bench --quick

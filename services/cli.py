@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "twolane.services.client",
     "twolane.services.split",
     "twolane.services.job_cli",
+    "twolane.services.bench_cli",
 )
 
 

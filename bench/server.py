@@ -1,0 +1,120 @@
+"""Start `twolane serve` as a subprocess on loopback, or stand in for one already running."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 300.0
+_CONSOLE_PORT = re.compile(r"\bport=(\d+)")
+
+
+@dataclass
+class ServerSettings:
+    model_dir: Path
+    dtype: str
+    max_num_seqs: int
+    num_blocks: int
+    max_batch_inflight: int
+
+
+@dataclass
+class Server:
+    """A running `twolane serve`: its address, and its data dir (where nats.url is)."""
+
+    address: str
+    data_dir: Path | None = None
+    proc: subprocess.Popen[str] | None = None
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def nats_url(self) -> str | None:
+        if self.data_dir is None:
+            return None
+        url_file = self.data_dir / "nats.url"
+        return url_file.read_text().strip() if url_file.is_file() else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def twolane_executable() -> str:
+    beside = Path(sys.executable).with_name("twolane")
+    return str(beside) if beside.exists() else "twolane"
+
+
+def start_server(settings: ServerSettings) -> Server:
+    """Start a server on a free port with its own embedded nats-server; wait until it listens."""
+    data_dir = Path(tempfile.mkdtemp(prefix="twolane-bench-"))
+    args = [
+        twolane_executable(),
+        "serve",
+        "--port",
+        "0",
+        "--model",
+        str(settings.model_dir),
+        "--dtype",
+        settings.dtype,
+        "--max-num-seqs",
+        str(settings.max_num_seqs),
+        "--num-blocks",
+        str(settings.num_blocks),
+        "--max-waiting",
+        "100000",
+        "--job-max-batch-inflight",
+        str(settings.max_batch_inflight),
+    ]
+    env = {**os.environ, "TWOLANE_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    server = Server(address="", data_dir=data_dir, proc=proc)
+    listening = threading.Event()
+
+    def read_output() -> None:
+        # Reading continuously keeps the pipe from filling up and blocking the server.
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            server.lines.append(line)
+            if not server.address and "listening" in line and (port := _port(line)):
+                server.address = f"127.0.0.1:{port}"
+                listening.set()
+        listening.set()
+
+    threading.Thread(target=read_output, daemon=True).start()
+    listening.wait(STARTUP_TIMEOUT_S)
+    if not server.address:
+        server.stop()
+        tail = "".join(server.lines[-20:])
+        raise RuntimeError(f"twolane serve did not start listening; its output:\n{tail}")
+    return server
+
+
+def _port(line: str) -> int | None:
+    if line.lstrip().startswith("{"):
+        return int(json.loads(line)["port"])
+    match = _CONSOLE_PORT.search(line)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,27 @@
+"""`twolane bench`: twolane against transformers baselines (see twolane.bench.run)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from twolane.bench import run
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark twolane against transformers baselines",
+        description=(run.__doc__ or "").strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from twolane.bench import run
+
+    args.command_line = "twolane " + shlex.join(sys.argv[1:])
+    return run.main(args)
