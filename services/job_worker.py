@@ -83,7 +83,9 @@ class JobWorker:
         self._tasks: dict[asyncio.Task[None], str] = {}
         self._num_inflight_by_tier = dict.fromkeys(jetstream.TIERS, 0)
         self._running: dict[str, _Running] = {}
-        self._wakeup = asyncio.Event()
+        # Room: set after an engine step or a finished job. Work: set by a new job.
+        self._room_changed = asyncio.Event()
+        self._work_arrived = asyncio.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pull_task: asyncio.Task[None] | None = None
@@ -109,7 +111,8 @@ class JobWorker:
     async def stop(self, grace_s: float) -> None:
         """Stop pulling, let running jobs finish for `grace_s`, give the rest back."""
         self._stopping = True
-        self._wakeup.set()
+        self._room_changed.set()
+        self._work_arrived.set()
         if self._pull_task is not None:
             await self._pull_task
         tasks = list(self._tasks)
@@ -138,16 +141,21 @@ class JobWorker:
 
     async def _pull_loop(self) -> None:
         while not self._stopping:
+            # Cleared before looking, so a change while we look is not missed.
+            self._room_changed.clear()
+            self._work_arrived.clear()
+            room = self.room()
+            if room == 0:
+                await _wait(self._room_changed, IDLE_POLL_S)
+                continue
             try:
-                room = self.room()
-                pulled = room > 0 and await self._pull(room)
+                pulled = await self._pull(room)
             except Exception as exc:  # NATS is away or restarting: keep trying
                 log.warning("job pull failed", error=repr(exc))
                 pulled = False
             if not pulled:
-                self._wakeup.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
+                # Also polls: a retry's backoff ends without any new message.
+                await _wait(self._work_arrived, IDLE_POLL_S)
 
     async def _pull(self, room: int) -> bool:
         """Fetch up to `room` jobs from the highest tier that has any."""
@@ -183,16 +191,16 @@ class JobWorker:
     def _job_done(self, task: asyncio.Task[None]) -> None:
         tier = self._tasks.pop(task)
         self._num_inflight_by_tier[tier] -= 1
-        self._wakeup.set()
+        self._room_changed.set()
 
     def _on_engine_step(self, stats: EngineStats) -> None:
-        # On the engine thread: wake the pull loop only when it may pull again.
-        if self._loop is not None and not self._stopping and not self._wakeup.is_set():
+        # On the engine thread; the pull loop only listens while it waits for room.
+        if self._loop is not None and not self._stopping and not self._room_changed.is_set():
             with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._wakeup.set)
+                self._loop.call_soon_threadsafe(self._room_changed.set)
 
     async def _on_new_job(self, msg: Msg) -> None:
-        self._wakeup.set()
+        self._work_arrived.set()
 
     async def _on_cancel(self, msg: Msg) -> None:
         running = self._running.get(msg.subject.rsplit(".", 1)[-1])
@@ -448,6 +456,11 @@ class JobWorker:
     def _backoff_s(self, msg: Msg) -> float:
         num_delivered = max(1, msg.metadata.num_delivered)
         return min(MAX_RETRY_BACKOFF_S, self.config.retry_backoff_s * 2 ** (num_delivered - 1))
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout_s)
 
 
 def _deadline_passed(record: job_record_pb2.JobRecord) -> bool:
