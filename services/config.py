@@ -40,7 +40,7 @@ class JobsConfig:
         max_queued_jobs, max_queued_bytes: limits of the TWOLANE_JOBS stream; a
             full stream refuses SubmitJob with RESOURCE_EXHAUSTED.
         result_ttl_s: how long results and completion events are kept.
-        job_ttl_s: how long job records and idempotency keys are kept.
+        record_ttl_s: how long job records and idempotency keys are kept.
         ack_wait_s: a worker that neither finishes a job nor reports progress for
             this long loses it to another worker.
         max_deliver: deliveries of one job before it is dead-lettered.
@@ -57,7 +57,7 @@ class JobsConfig:
     max_queued_jobs: int = 100_000
     max_queued_bytes: int = 256 * 1024 * 1024
     result_ttl_s: float = 24 * 3600.0
-    job_ttl_s: float = 7 * 24 * 3600.0
+    record_ttl_s: float = 7 * 24 * 3600.0
     ack_wait_s: float = 30.0
     max_deliver: int = 5
     retry_backoff_s: float = 1.0
@@ -68,7 +68,7 @@ class JobsConfig:
         for name in ("max_queued_jobs", "max_queued_bytes", "max_deliver"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("result_ttl_s", "job_ttl_s", "ack_wait_s"):
+        for name in ("result_ttl_s", "record_ttl_s", "ack_wait_s"):
             if getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be at least 1 second, got {getattr(self, name)}")
         if self.retry_backoff_s < 0 or self.max_batch_inflight < 0:
@@ -93,7 +93,12 @@ class JobsConfig:
             ("max_queued_jobs", int, "100000", "jobs the queue holds before SubmitJob is refused"),
             ("max_queued_bytes", int, str(256 * 1024 * 1024), "bytes the queue holds"),
             ("result_ttl_s", float, str(24 * 3600), "seconds results and events are kept"),
-            ("job_ttl_s", float, str(7 * 24 * 3600), "seconds job records are kept"),
+            (
+                "record_ttl_s",
+                float,
+                str(7 * 24 * 3600),
+                "seconds job records and idempotency keys live",
+            ),
             ("ack_wait_s", float, "30", "seconds without progress before a job is redelivered"),
             ("max_deliver", int, "5", "deliveries before a job is dead-lettered"),
             ("retry_backoff_s", float, "1", "first retry delay in seconds (doubles each retry)"),

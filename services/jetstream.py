@@ -111,7 +111,7 @@ def streams(config: JobsConfig) -> list[api.StreamConfig]:
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             discard=api.DiscardPolicy.OLD,
-            max_age=config.job_ttl_s,
+            max_age=config.record_ttl_s,
             duplicate_window=JOBS_DUPLICATE_WINDOW_S,
             num_replicas=1,
         ),
@@ -169,9 +169,9 @@ async def ensure_layout(js: JetStreamContext, config: JobsConfig) -> Buckets:
         # add_consumer with a durable name creates it or updates its settings.
         await js.add_consumer(JOBS_STREAM, consumer(config, tier))
     layout = (
-        (JOBS_BUCKET, config.job_ttl_s, "job records by job id"),
+        (JOBS_BUCKET, config.record_ttl_s, "job records by job id"),
         (RESULTS_BUCKET, config.result_ttl_s, "job results by job id"),
-        (IDEMPOTENCY_BUCKET, config.job_ttl_s, "job ids by tenant and idempotency key"),
+        (IDEMPOTENCY_BUCKET, config.record_ttl_s, "job ids by tenant and idempotency key"),
     )
     for name, ttl_s, description in layout:
         await ensure_stream(js, bucket(name, ttl_s, description))
