@@ -135,7 +135,12 @@ class ServeConfig:
         log_level: debug, info, warning or error.
         grace_period_s: on SIGTERM, how long in-flight requests may take to finish.
         device, dtype, num_blocks, max_num_seqs, max_model_len,
-        max_waiting_interactive: passed to the engine (see EngineConfig).
+        max_waiting_interactive, block_size, max_num_batched_tokens,
+        reserved_block_fraction, max_batch_share, interactive_ttft_target_s: passed to
+        the engine (see EngineConfig).
+        threads: torch intra-op threads for the engine; 0 keeps torch's default (one per core).
+        metrics_port: Prometheus metrics over HTTP on this port; -1 turns them off, 0 picks a
+            free port (logged).
         jobs: the batch lane (see JobsConfig).
     """
 
@@ -151,6 +156,13 @@ class ServeConfig:
     max_num_seqs: int = 64
     max_model_len: int = 0
     max_waiting_interactive: int = 256
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    reserved_block_fraction: float = 0.1
+    max_batch_share: float = 0.875
+    interactive_ttft_target_s: float = 0.5
+    threads: int = 0
+    metrics_port: int = -1
     jobs: JobsConfig = field(default_factory=JobsConfig)
 
     def __post_init__(self) -> None:
@@ -160,6 +172,10 @@ class ServeConfig:
             raise ValueError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be -1 (off) or a port, got {self.metrics_port}")
         # Fail at startup, not after the model has loaded.
         self.engine_config()
 
@@ -172,6 +188,11 @@ class ServeConfig:
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
             max_waiting_interactive=self.max_waiting_interactive,
+            block_size=self.block_size,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            reserved_block_fraction=self.reserved_block_fraction,
+            max_batch_share=self.max_batch_share,
+            interactive_ttft_target_s=self.interactive_ttft_target_s,
         )
 
     @property
@@ -255,6 +276,34 @@ class ServeConfig:
             help="interactive requests allowed to wait before new ones get "
             "RESOURCE_EXHAUSTED (env TWOLANE_MAX_WAITING)",
         )
+        engine_knobs: tuple[tuple[str, type, str, str], ...] = (
+            ("block_size", int, "16", "tokens per KV block"),
+            ("max_num_batched_tokens", int, "2048", "most tokens (prefill + decode) per step"),
+            (
+                "reserved_block_fraction",
+                float,
+                "0.1",
+                "share of KV blocks new batch work leaves free for interactive requests",
+            ),
+            ("max_batch_share", float, "0.875", "share of max-num-seqs batch work may hold"),
+            (
+                "interactive_ttft_target_s",
+                float,
+                "0.5",
+                "interactive first-token target; batch prefill per step is sized to it",
+            ),
+            ("threads", int, "0", "torch threads for the engine; 0: one per core"),
+            ("metrics_port", int, "-1", "Prometheus metrics port; -1 off, 0 a free port"),
+        )
+        for dest, kind, fallback, text in engine_knobs:
+            env = "TWOLANE_" + dest.upper()
+            add(
+                "--" + dest.replace("_", "-"),
+                dest=dest,
+                type=kind,
+                default=env_default(env, fallback),
+                help=f"{text} (env {env})",
+            )
         JobsConfig.add_arguments(parser)
 
     @classmethod

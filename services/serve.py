@@ -18,6 +18,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from twolane.services.config import ServeConfig
 from twolane.services.gateway import InferenceServicer
@@ -66,6 +67,7 @@ async def serve(config: ServeConfig) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         engine = await start_engine(stack, config)
+        start_metrics(stack, config, engine)
         jobs = await start_jobs(stack, config, engine)
         await start_grpc_server(stack, config, engine, jobs)
         await stop.wait()
@@ -76,6 +78,10 @@ async def serve(config: ServeConfig) -> None:
 async def start_engine(stack: contextlib.AsyncExitStack, config: ServeConfig) -> AsyncEngine:
     from twolane.scheduler.async_engine import AsyncEngine
 
+    if config.threads:
+        import torch  # imported here so that light CLI commands never load torch
+
+        torch.set_num_threads(config.threads)
     log.info("loading model", model=config.model, device=config.device, dtype=config.dtype)
     engine = AsyncEngine(config.engine_config())
     await engine.start()
@@ -88,6 +94,22 @@ async def start_engine(stack: contextlib.AsyncExitStack, config: ServeConfig) ->
         num_total_blocks=stats.num_total_blocks,
     )
     return engine
+
+
+def start_metrics(
+    stack: contextlib.AsyncExitStack, config: ServeConfig, engine: AsyncEngine
+) -> int | None:
+    """Serve the engine's Prometheus metrics over HTTP, when a port is configured."""
+    if config.metrics_port < 0:
+        return None
+    server, thread = start_http_server(
+        config.metrics_port, addr=config.host, registry=engine.engine.metrics.registry
+    )
+    stack.callback(thread.join, 5.0)
+    stack.callback(server.shutdown)
+    port = server.server_address[1]
+    log.info("metrics", url=f"http://{config.host}:{port}/metrics", metrics_port=port)
+    return port
 
 
 async def start_jobs(
