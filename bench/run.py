@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import time
 import traceback
@@ -45,8 +46,8 @@ class Plan:
 
 
 PLANS = {
-    "builtin": Plan(128, LengthRange(8, 256), LengthRange(8, 128), 128, 32, (1, 8, 32, 64), 128),
-    "wide": Plan(128, LengthRange(8, 512), LengthRange(8, 256), 64, 12, (1, 8, 32, 64), 256),
+    "builtin": Plan(128, LengthRange(8, 256), LengthRange(8, 128), 128, 32, (1, 16, 64), 128),
+    "wide": Plan(64, LengthRange(8, 512), LengthRange(8, 256), 32, 8, (1, 16, 64), 128),
 }
 QUICK_PLANS = {
     "builtin": Plan(12, LengthRange(4, 32), LengthRange(4, 16), 8, 12, (1, 4), 32),
@@ -175,8 +176,23 @@ def run_one(args: argparse.Namespace, name: str, dtype: str) -> dict[str, object
             "seed": args.seed,
         },
     }
+    phases: dict[str, float] = {}
+    loads: dict[str, float] = {}
+    run["phase_wall_s"] = phases
+    # The 1-minute load average after each phase: a shared machine is noisy, and this says how.
+    run["phase_load_avg"] = loads
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[phase] = now - clock
+        loads[phase] = os.getloadavg()[0]
+        clock = now
+
     settings = ServerSettings(checkpoint, dtype, concurrency, num_blocks, concurrency)
     server = Server(args.target) if args.target else start_server(settings)
+    lap("server_start")
     with server:
         run["twolane"] = interactive.run_interactive(
             server.address, specs, concurrency, args.rate, args.seed, f"twolane {name} {dtype}"
@@ -186,15 +202,19 @@ def run_one(args: argparse.Namespace, name: str, dtype: str) -> dict[str, object
             run["batch_lane"] = batch_lane.run_batch_lane(
                 server.address, nats_url, specs[: plan.num_batch_jobs]
             )
+            lap("batch_lane")
     if not args.no_baselines:
         hf = baselines.HFGenerator(checkpoint, dtype)
         run["hf_static"] = baselines.run_static(hf, specs, concurrency, args.rate, args.seed)
+        lap("hf_static")
         run["hf_sequential"] = baselines.run_sequential(
             hf, specs, concurrency, args.rate, args.seed, plan.max_sequential_measured
         )
         del hf
+        lap("hf_sequential")
     if not args.no_roofline:
         run["roofline"] = measure_roofline(checkpoint, dtype, shape, plan, specs, run)
+        lap("roofline")
     run["ratios"] = report.ratios(run)
     print(report.run_table(run), flush=True)
     return run
