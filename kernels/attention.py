@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from twolane.kernels.reference import store_kv_cache_ref
-from twolane.kernels.torch_attention import SequencePlan, paged_attention_torch, plan_sequences
+from twolane.kernels.torch_attention import StepPlan, paged_attention_torch, plan_step
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class TorchAttentionBackend:
 
     def __init__(self) -> None:
         self._planned_for: AttentionMetadata | None = None
-        self._plans: list[SequencePlan] = []
+        self._plan = StepPlan([], [])
 
     def forward(
         self,
@@ -68,11 +68,11 @@ class TorchAttentionBackend:
         store_kv_cache_ref(key, value, k_cache, v_cache, meta.slot_mapping)
         if meta is not self._planned_for:
             # Every layer of a step shares one metadata object: plan once per step.
-            self._plans = plan_sequences(
+            self._plan = plan_step(
                 meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1]
             )
             self._planned_for = meta
-        return paged_attention_torch(query, k_cache, v_cache, self._plans, scale)
+        return paged_attention_torch(query, k_cache, v_cache, self._plan, scale)
 
 
 class TritonAttentionBackend:

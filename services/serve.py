@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -76,12 +77,13 @@ async def serve(config: ServeConfig) -> None:
 
 
 async def start_engine(stack: contextlib.AsyncExitStack, config: ServeConfig) -> AsyncEngine:
+    import torch  # imported here so that light CLI commands never load torch
+
     from twolane.scheduler.async_engine import AsyncEngine
 
-    if config.threads:
-        import torch  # imported here so that light CLI commands never load torch
-
-        torch.set_num_threads(config.threads)
+    # Leave a core to the event loop, nats-server and clients: an intra-op thread that
+    # has to share its core stalls every parallel op for milliseconds.
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
     log.info("loading model", model=config.model, device=config.device, dtype=config.dtype)
     engine = AsyncEngine(config.engine_config())
     await engine.start()

@@ -5,11 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Test helpers (checkpoints.py) import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
 # A private cache for the built-in model, so tests never depend on the user's cache.
 os.environ.setdefault("TWOLANE_CACHE_DIR", str(Path(__file__).parent.parent / ".cache" / "test"))
+# Test models are tiny, and servers started by the integration tests share the cores:
+# one intra-op thread avoids parallel ops stalling on a busy core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
