@@ -35,6 +35,7 @@ class _Add:
     priority: Priority
     deadline_s: float | None
     arrival_time_s: float
+    stream: bool
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,11 @@ class AsyncEngine:
         params: SamplingParams,
         priority: Priority = Priority.INTERACTIVE,
         deadline_s: float | None = None,
+        stream: bool = True,
     ) -> RequestStream:
         """Validate and queue a request; iterate the returned stream for its outputs.
+
+        With `stream=False` the only output is the final one, carrying every token.
 
         Raises:
             InvalidRequestError: bad input, with the offending field.
@@ -144,11 +148,13 @@ class AsyncEngine:
                         f"{num_waiting} interactive requests are waiting; retry later"
                     )
                 self._num_queued_interactive += 1
-            stream = RequestStream(request_id, self)
-            self._streams[request_id] = stream
-        self._inbox.put(_Add(request_id, token_ids, params, priority, deadline_s, time.monotonic()))
+            request_stream = RequestStream(request_id, self)
+            self._streams[request_id] = request_stream
+        self._inbox.put(
+            _Add(request_id, token_ids, params, priority, deadline_s, time.monotonic(), stream)
+        )
         self._wakeup.set()
-        return stream
+        return request_stream
 
     def abort(self, request_id: str) -> None:
         """Abort a request; harmless if it already finished."""
@@ -206,6 +212,7 @@ class AsyncEngine:
                 priority=cmd.priority,
                 deadline_s=cmd.deadline_s,
                 arrival_time_s=cmd.arrival_time_s,
+                stream=cmd.stream,
             )
         except Exception as exc:  # validated already; anything here is an engine fault
             log.exception("admit_failed", request_id=cmd.request_id)

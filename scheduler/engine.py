@@ -50,8 +50,9 @@ class EngineStats:
 class _RequestState:
     """Per-request text state: detokenizer, emitted text, stop-string hold-back."""
 
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer) -> None:
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer, stream: bool) -> None:
         self.seq = seq
+        self.stream = stream  # False: one output at the end carrying everything
         self.detokenizer = IncrementalDetokenizer(tokenizer, seq.token_ids)
         self.text = ""
         self.num_emitted_chars = 0
@@ -125,8 +126,12 @@ class LLMEngine:
         priority: Priority = Priority.INTERACTIVE,
         deadline_s: float | None = None,
         arrival_time_s: float | None = None,
+        stream: bool = True,
     ) -> Sequence:
         """Validate and queue a request.
+
+        With `stream=False` the request yields a single output when it finishes,
+        which saves the caller one wake-up per token.
 
         Raises:
             InvalidRequestError: the request can never be served as given.
@@ -146,7 +151,7 @@ class LLMEngine:
             deadline_s=deadline_s,
             generator=None if params.is_greedy else make_generator(params.seed),
         )
-        self._requests[request_id] = _RequestState(seq, self.tokenizer)
+        self._requests[request_id] = _RequestState(seq, self.tokenizer, stream)
         self.scheduler.add(seq)
         return seq
 
@@ -250,7 +255,7 @@ class LLMEngine:
             reason = self._stop_reason(state, token_id)
             if reason is not None:
                 outputs.append(self._finish(state, reason))
-            else:
+            elif state.stream:
                 outputs.append(self._delta(state, final=False))
         return outputs
 

@@ -49,7 +49,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GenerateResponse:
         arrival_s = time.monotonic()
-        request_id, outputs = self._submit(request, context)
+        request_id, outputs = self._submit(request, context, stream=False)
         updates = [out async for out in outputs]
         return convert.generate_response(request_id, updates, time.monotonic() - arrival_s)
 
@@ -92,7 +92,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return self._jobs
 
     def _submit(
-        self, request: GenerateMessage, context: grpc.aio.ServicerContext
+        self, request: GenerateMessage, context: grpc.aio.ServicerContext, stream: bool = True
     ) -> tuple[str, AsyncIterator[RequestOutput]]:
         """Validate and enqueue; returns the request id and its updates."""
         valid = validate_generate(request, self._limits, self._engine.tokenizer.encode)
@@ -103,6 +103,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             params=valid.params,
             priority=Priority.INTERACTIVE,
             deadline_s=_deadline_s(context),
+            stream=stream,
         )
         # However the RPC ends (finished, cancelled, disconnected, deadline), the
         # engine drops the request and its KV blocks come back. abort is idempotent.

@@ -349,6 +349,7 @@ class JobWorker:
             params=params,
             priority=Priority[tier.upper()],
             deadline_s=_engine_deadline_s(record),
+            stream=False,  # a job needs only its result, not every token as it comes
         )
         async with stream:
             return [out async for out in stream]

@@ -84,3 +84,25 @@ async def test_shutdown_aborts_in_flight_requests_and_refuses_new_ones() -> None
     assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ABORT
     with pytest.raises(EngineStoppedError):
         engine.add_request("after", prompt="x", params=SamplingParams())
+
+
+async def test_a_non_streaming_request_yields_one_output_with_every_token() -> None:
+    engine = AsyncEngine(EngineConfig(model="builtin", num_blocks=64))
+    await engine.start()
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    try:
+        streamed = [
+            out async for out in engine.add_request("s", prompt="same prompt", params=params)
+        ]
+        whole = [
+            out
+            async for out in engine.add_request(
+                "w", prompt="same prompt", params=params, stream=False
+            )
+        ]
+        assert len(streamed) == 12 and len(whole) == 1
+        assert whole[0].finished and whole[0].finish_reason is FinishReason.LENGTH
+        assert whole[0].new_token_ids == [t for o in streamed for t in o.new_token_ids]
+        assert whole[0].new_text == "".join(o.new_text for o in streamed)
+    finally:
+        await engine.shutdown()
