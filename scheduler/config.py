@@ -29,8 +29,9 @@ class EngineConfig:
         max_batch_share: share of `max_num_seqs` that batch sequences may hold, so an
             interactive request finds a free slot.
         interactive_ttft_target_s: the first-token latency the interactive lane aims for.
-            Batch prefill per step is capped so a step lasts at most half of it: an
-            interactive request that arrives mid-step waits at most that long.
+            While interactive work is around, batch tokens per step are adapted so a step
+            lasts at most half of it: a request arriving mid-step waits at most that long,
+            and its own first step takes at most that long.
     """
 
     model: str = "builtin"

@@ -231,7 +231,10 @@ class LLMEngine:
                         self._finish(state, FinishReason.ERROR, "the engine step failed")
                     )
             return outputs
-        self.scheduler.observe_step(time.perf_counter() - started, sched.num_batched_tokens)
+        self.scheduler.observe_step(
+            time.perf_counter() - started,
+            served_interactive=any(not s.seq.priority.is_batch for s in sched.scheduled),
+        )
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(item.seq)

@@ -10,8 +10,9 @@ decodes.
 Interactive work never waits behind batch work: when blocks, the token budget or
 the sequence cap stand in its way, batch sequences are preempted (freed and later
 recomputed, usually from the prefix cache), lowest class and newest first. Batch
-work also keeps out of a block reserve, leaves some sequence slots free, and
-prefills in steps short enough for the interactive first-token target.
+work also keeps out of a block reserve, leaves some sequence slots free, and, while
+interactive work is around, takes only as many tokens per step as keep steps
+within half the interactive first-token target (adapted from measured steps).
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_preemptions_by_lane = {"interactive": 0, "batch": 0}
-        # Running estimate of a step's seconds per batched token, to size batch prefill.
-        self.seconds_per_token: float | None = None
+        # Batch tokens allowed in a step that also serves interactive work. Adjusted after
+        # every such step: cut when the step ran past half the TTFT target, grown otherwise,
+        # so batch work takes what the interactive latency target leaves.
+        self.batch_token_allowance = max_num_batched_tokens
 
     @property
     def has_work(self) -> bool:
@@ -108,13 +111,15 @@ class Scheduler:
         keys = [s.sort_key for s in self.waiting]
         self.waiting.insert(bisect.bisect(keys, seq.sort_key), seq)
 
-    def observe_step(self, duration_s: float, num_tokens: int) -> None:
-        """Feed a finished step's duration into the per-token time estimate."""
-        if num_tokens <= 0:
+    def observe_step(self, duration_s: float, served_interactive: bool) -> None:
+        """Adapt the batch allowance to a finished step's duration."""
+        if not served_interactive or math.isinf(self.policy.interactive_ttft_target_s):
             return
-        sample = duration_s / num_tokens
-        prev = self.seconds_per_token
-        self.seconds_per_token = sample if prev is None else 0.8 * prev + 0.2 * sample
+        if duration_s > 0.5 * self.policy.interactive_ttft_target_s:
+            self.batch_token_allowance = max(1, int(self.batch_token_allowance * 0.7))
+        else:
+            grown = self.batch_token_allowance + max(1, self.batch_token_allowance // 16)
+            self.batch_token_allowance = min(self.max_num_batched_tokens, grown)
 
     def schedule(self, now_s: float) -> SchedulerOutput:
         out = SchedulerOutput(expired=self._drop_expired(now_s))
@@ -157,12 +162,10 @@ class Scheduler:
         self.add(seq)
 
     def _batch_token_budget(self) -> int:
-        """Batch tokens per step such that a step lasts at most half the TTFT target."""
-        if self.seconds_per_token is None or math.isinf(self.policy.interactive_ttft_target_s):
-            return self.max_num_batched_tokens
-        target = 0.5 * self.policy.interactive_ttft_target_s / self.seconds_per_token
-        # Never below one decode per batch slot, or batch decodes would starve.
-        return max(self.max_num_batch_seqs, min(self.max_num_batched_tokens, int(target)))
+        """Batch tokens for this step: the allowance while interactive work is around."""
+        if any(not s.priority.is_batch for s in (*self.running, *self.waiting)):
+            return self.batch_token_allowance
+        return self.max_num_batched_tokens
 
     def _schedule_running(self, step: _Step, batch: bool) -> None:
         while step.queue and step.queue[0].priority.is_batch == batch:

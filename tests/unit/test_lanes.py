@@ -153,3 +153,30 @@ def test_metrics_are_kept_per_lane() -> None:
     assert value("twolane_time_per_output_token_seconds_count", lane="interactive") == 1
     stats = engine.stats()
     assert (stats.num_running_batch, stats.num_waiting_batch) == (0, 0)
+
+
+def test_batch_allowance_shrinks_after_slow_interactive_steps_and_grows_back() -> None:
+    config = EngineConfig(
+        model="builtin", num_blocks=256, max_num_batched_tokens=256, interactive_ttft_target_s=0.1
+    )
+    engine = LLMEngine(config)
+    scheduler = engine.scheduler
+    scheduler.observe_step(0.2, served_interactive=False)
+    assert scheduler.batch_token_allowance == 256  # batch-only steps never cut it
+    scheduler.observe_step(0.2, served_interactive=True)
+    scheduler.observe_step(0.2, served_interactive=True)
+    assert scheduler.batch_token_allowance == int(int(256 * 0.7) * 0.7)
+    cut = scheduler.batch_token_allowance
+    scheduler.observe_step(0.01, served_interactive=True)
+    assert scheduler.batch_token_allowance > cut
+
+    # With interactive work around, batch prefill is held to the allowance.
+    scheduler.batch_token_allowance = 8
+    engine.add_request(
+        "job", prompt_token_ids=[3] * 100, params=BATCH_PARAMS, priority=Priority.BULK
+    )
+    add_interactive(engine)
+    schedules = record_schedules(engine)
+    engine.step()
+    batch_tokens = sum(s.num_new_tokens for s in schedules[-1].scheduled if s.seq.priority.is_batch)
+    assert batch_tokens == 8
