@@ -197,6 +197,7 @@ def run_one(args: argparse.Namespace, name: str, dtype: str) -> dict[str, object
         run["twolane"] = interactive.run_interactive(
             server.address, specs, concurrency, args.rate, args.seed, f"twolane {name} {dtype}"
         )
+        lap("twolane")
         nats_url = args.nats_url or server.nats_url
         if not args.no_batch_lane and nats_url:
             run["batch_lane"] = batch_lane.run_batch_lane(
