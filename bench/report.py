@@ -134,10 +134,11 @@ def plot(result: dict, path: Path) -> None:
         if key != "batch_lane":
             ttft = [r[key]["ttft_s"]["p50"] if isinstance(r.get(key), dict) else 0 for r in runs]
             axes[1].bar(xs, ttft, width, label=label)
-    for ax, title in ((axes[0], "output tokens/s"), (axes[1], "TTFT p50 (s, log)")):
+    for ax, title in ((axes[0], "output tokens/s (log)"), (axes[1], "TTFT p50 (s, log)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(runs))], labels)
         ax.set_title(title)
         ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
     axes[1].set_yscale("log")
     for r in runs:
         roof = r.get("roofline")
