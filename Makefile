@@ -89,3 +89,7 @@ bench: setup ## Benchmark twolane vs transformers baselines (both models, fp32+b
 .PHONY: bench-quick
 bench-quick: setup ## The benchmark's quick mode: tiny model, fp32, under 2 minutes
 	$(BIN)/twolane bench --quick
+
+.PHONY: bench-mixed
+bench-mixed: setup ## Interactive TTFT alone vs beside a 500+ job batch backlog (built-in model)
+	$(PY) -m twolane.bench.mixed
