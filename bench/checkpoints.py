@@ -10,13 +10,17 @@ has to load).
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from twolane.models.builtin import BUILTIN_CONFIG, builtin_model_dir, cache_root
+from twolane.models.builtin import (
+    BUILTIN_CONFIG,
+    builtin_model_dir,
+    cache_root,
+    cached_checkpoint,
+)
 
 WIDE_NAME = "wide"
 WIDE_FORMAT_VERSION = 1
@@ -99,29 +103,17 @@ def model_shape(name: str) -> ModelShape:
 
 
 def wide_model_dir(seed: int = 0) -> Path:
-    target = cache_root() / f"bench-wide-v{WIDE_FORMAT_VERSION}-seed{seed}"
-    if (target / "model.safetensors").is_file():
-        return target
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The wide random Llama's checkpoint, written with transformers on first use."""
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    def write(model_dir: Path) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
         torch.manual_seed(seed)
         config = LlamaConfig(
-            **WIDE_CONFIG,
-            tie_word_embeddings=False,
-            bos_token_id=256,
-            eos_token_id=257,
+            **WIDE_CONFIG, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257
         )
         model = LlamaForCausalLM(config).float().eval()
-        model.save_pretrained(tmp, safe_serialization=True)
-        shutil.copy(builtin_model_dir() / "tokenizer.json", tmp / "tokenizer.json")
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        model.save_pretrained(model_dir, safe_serialization=True)
+        shutil.copy(builtin_model_dir() / "tokenizer.json", model_dir / "tokenizer.json")
+
+    return cached_checkpoint(cache_root() / f"bench-wide-v{WIDE_FORMAT_VERSION}-seed{seed}", write)

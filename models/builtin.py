@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,15 +57,26 @@ def cache_root() -> Path:
 
 def builtin_model_dir(seed: int = 0) -> Path:
     """Return the built-in checkpoint directory for `seed`, writing it on first use."""
-    target = cache_root() / f"builtin-v{FORMAT_VERSION}-seed{seed}"
+
+    def write(model_dir: Path) -> None:
+        write_checkpoint(model_dir, BUILTIN_CONFIG, seed)
+        byte_level_tokenizer().save(str(model_dir / "tokenizer.json"))
+
+    return cached_checkpoint(cache_root() / f"builtin-v{FORMAT_VERSION}-seed{seed}", write)
+
+
+def cached_checkpoint(target: Path, write: Callable[[Path], None]) -> Path:
+    """Return `target`, first having `write` fill it if it holds no weights yet.
+
+    `write` fills a temporary sibling that is then renamed, so a concurrent reader never
+    sees half a checkpoint; when two writers race, the first rename wins.
+    """
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename, so a concurrent reader never sees half a model.
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        write_checkpoint(tmp, BUILTIN_CONFIG, seed)
-        byte_level_tokenizer().save(str(tmp / "tokenizer.json"))
+        write(tmp)
         try:
             tmp.rename(target)
         except OSError:

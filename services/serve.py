@@ -8,11 +8,8 @@ component (an embedded nats-server, the job worker) is added with one more
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
-import signal
-import sys
 from typing import TYPE_CHECKING
 
 import grpc
@@ -24,7 +21,7 @@ from prometheus_client import start_http_server
 from twolane.services.config import ServeConfig
 from twolane.services.gateway import InferenceServicer
 from twolane.services.jobs import JobService
-from twolane.services.logging import configure_logging
+from twolane.services.process import run_process, stop_event
 from twolane.v1 import inference_pb2, inference_pb2_grpc
 
 if TYPE_CHECKING:
@@ -44,28 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = ServeConfig.from_args(args)
-    except ValueError as exc:
-        print(f"twolane serve: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(json=config.log_json, level=config.log_level)
-    try:
-        asyncio.run(serve(config))
-    except (OSError, ValueError) as exc:
-        # A missing model directory or a port in use: say so without a traceback.
-        log.error("startup failed", error=str(exc))
-        return 1
-    return 0
+    return run_process("serve", args, ServeConfig.from_args, serve)
 
 
 async def serve(config: ServeConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight requests and stop."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
+    stop = stop_event()
     async with contextlib.AsyncExitStack() as stack:
         engine = await start_engine(stack, config)
         start_metrics(stack, config, engine)

@@ -10,11 +10,8 @@ repeatable) and serves SubmitJob, GetResult and CancelJob from JetStream.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import itertools
-import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -27,7 +24,8 @@ from twolane.services import jobs
 from twolane.services.config import DEFAULT_PORT, JobsConfig, ServeConfig, env_default, env_flag
 from twolane.services.errors import NotConfiguredError
 from twolane.services.jobs import JobService
-from twolane.services.logging import LOG_LEVELS, configure_logging
+from twolane.services.logging import LOG_LEVELS
+from twolane.services.process import run_process, stop_event
 from twolane.services.serve import SERVICE_NAME, serve
 from twolane.services.status import grpc_errors
 from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
@@ -136,46 +134,26 @@ class GatewayConfig:
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    try:
-        config = ServeConfig.from_args(args)
-        if not config.jobs.nats_url:
-            raise ValueError(_NEEDS_NATS)
-    except ValueError as exc:
-        print(f"twolane worker: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(json=config.log_json, level=config.log_level)
-    try:
-        asyncio.run(serve(config))
-    except (OSError, ValueError) as exc:
-        log.error("startup failed", error=str(exc))
-        return 1
-    return 0
+    return run_process("worker", args, _worker_config, serve)
+
+
+def _worker_config(args: argparse.Namespace) -> ServeConfig:
+    config = ServeConfig.from_args(args)
+    if not config.jobs.nats_url:
+        raise ValueError(_NEEDS_NATS)
+    return config
 
 
 # ---- the gateway ----------------------------------------------------------------------
 
 
 def gateway_main(args: argparse.Namespace) -> int:
-    try:
-        config = GatewayConfig.from_args(args)
-    except ValueError as exc:
-        print(f"twolane gateway: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(json=config.log_json, level=config.log_level)
-    try:
-        asyncio.run(run_gateway(config))
-    except (OSError, ValueError) as exc:
-        log.error("startup failed", error=str(exc))
-        return 1
-    return 0
+    return run_process("gateway", args, GatewayConfig.from_args, run_gateway)
 
 
 async def run_gateway(config: GatewayConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and stop."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     async with contextlib.AsyncExitStack() as stack:
         _, store = await jobs.start_job_store(
             stack, config.jobs, jobs.shape_validator, name="twolane-gateway"
