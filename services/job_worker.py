@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -44,6 +46,8 @@ log = structlog.get_logger(__name__)
 FETCH_TIMEOUT_S = 0.5
 IDLE_POLL_S = 1.0
 MAX_RETRY_BACKOFF_S = 60.0
+# JetStream announces here a message that ran out of deliveries without being settled.
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 # Below this share of free KV blocks the worker leaves the room to running work.
 MIN_FREE_BLOCKS_FRACTION = 0.02
 
@@ -103,6 +107,12 @@ class JobWorker:
             # A new job anywhere wakes the pull loop; no payload is read.
             await self.nc.subscribe("twolane.jobs.>", cb=self._on_new_job),
             await self.nc.subscribe(f"{jetstream.CANCEL_SUBJECT_PREFIX}.*", cb=self._on_cancel),
+            # One worker of the group takes each exhausted message.
+            await self.nc.subscribe(
+                f"{MAX_DELIVERIES_ADVISORY}.{jetstream.JOBS_STREAM}.*",
+                queue="twolane-dead-letters",
+                cb=self._on_max_deliveries,
+            ),
         ]
         self.engine.add_stats_listener(self._on_engine_step)
         self._pull_task = asyncio.create_task(self._pull_loop(), name="twolane-job-pull")
@@ -435,6 +445,11 @@ class JobWorker:
             await msg.nak(delay=delay_s)
             return
         error = f"failed on all {num_delivered} deliveries; last error: {reason}"
+        await self._dead_letter(tier, job_id, error, num_delivered)
+        await msg.term()
+
+    async def _dead_letter(self, tier: str, job_id: str, error: str, num_delivered: int) -> None:
+        """Put the job on the dead-letter stream and mark it FAILED with `error`."""
         stored = await self.store.read(job_id)
         letter = job_record_pb2.DeadLetter(
             job_id=job_id,
@@ -451,8 +466,29 @@ class JobWorker:
             headers={jetstream.MSG_ID_HEADER: job_id},
         )
         await self._finish(job_id, jobs_pb2.JOB_STATE_FAILED, error)
-        await msg.term()
         log.error("job dead-lettered", job_id=job_id, error=error)
+
+    async def _on_max_deliveries(self, advisory: Msg) -> None:
+        """JetStream gave up on a job message nobody settled: its last worker died or
+        stopped while running it. Dead-letter the job and drop the message, which a
+        work-queue stream would otherwise keep forever."""
+        try:
+            sequence = int(json.loads(advisory.data)["stream_seq"])
+            raw = await self.js.get_msg(jetstream.JOBS_STREAM, sequence)
+        except (ValueError, KeyError, nats.js.errors.NotFoundError):
+            return  # unreadable, or already removed by another worker
+        ticket = parse_ticket(raw.data or b"")
+        if ticket is not None:
+            stored = await self.store.read(ticket.job_id)
+            if stored is not None and stored.record.state not in TERMINAL_STATES:
+                tier = (raw.subject or "").rsplit(".", 1)[-1]
+                error = (
+                    f"no worker finished the job in {self.config.max_deliver} deliveries; "
+                    "the last one stopped or died while running it"
+                )
+                await self._dead_letter(tier, ticket.job_id, error, self.config.max_deliver)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_msg(jetstream.JOBS_STREAM, sequence)
 
     def _backoff_s(self, msg: Msg) -> float:
         num_delivered = max(1, msg.metadata.num_delivered)

@@ -1,0 +1,68 @@
+"""A job whose last allowed delivery dies with its worker is dead-lettered, not left RUNNING."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+
+from twolane.v1 import inference_pb2_grpc, job_record_pb2, jobs_pb2
+
+from .nats_fixtures import NatsServer, job_request, start_process, wait_for_states
+from .serving import ServerProcess
+
+ONE_DELIVERY = {"TWOLANE_JOB_MAX_DELIVER": "1", "TWOLANE_JOB_ACK_WAIT_S": "2"}
+
+
+@pytest.mark.slow
+async def test_a_job_whose_only_worker_dies_on_its_last_delivery_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    nats_server = NatsServer(tmp_path / "nats").start()
+    workers: list[ServerProcess] = []
+    try:
+        args = ("serve", "--port", "0", "--nats-url", nats_server.url)
+        # Two workers, both up before one dies, so a live one hears JetStream give up.
+        workers = [start_process(*args, env=ONE_DELIVERY) for _ in range(2)]
+        async with grpc.aio.insecure_channel(workers[0].address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            job_id = (await stub.SubmitJob(job_request("never ends", max_tokens=2000))).job_id
+            await wait_for_states(stub, [job_id], frozenset({jobs_pb2.JOB_STATE_RUNNING}))
+        worker_id = await running_worker_id(nats_server.url, job_id)
+        running = next(w for w in workers if worker_id in w.log_text())
+        survivor = next(w for w in workers if w is not running)
+        running.proc.send_signal(signal.SIGKILL)
+        running.proc.wait()
+
+        async with grpc.aio.insecure_channel(survivor.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            results = await wait_for_states(stub, [job_id], timeout_s=60)
+        assert results[job_id].state == jobs_pb2.JOB_STATE_FAILED
+        assert "died" in results[job_id].error
+
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            letter_msg = await js.get_last_msg("TWOLANE_DLQ", "twolane.dlq.standard")
+            jobs_stream = await js.stream_info("TWOLANE_JOBS")
+        finally:
+            await nc.close()
+        letter = job_record_pb2.DeadLetter.FromString(letter_msg.data)
+        assert letter.job_id == job_id
+        assert jobs_stream.state.messages == 0  # the exhausted message is gone, not stuck
+    finally:
+        for worker in workers:
+            worker.stop()
+        nats_server.stop()
+
+
+async def running_worker_id(url: str, job_id: str) -> str:
+    nc = await nats.connect(url)
+    try:
+        entry = await (await nc.jetstream().key_value("twolane_jobs")).get(job_id)
+    finally:
+        await nc.close()
+    return job_record_pb2.JobRecord.FromString(entry.value or b"").worker_id
