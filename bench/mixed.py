@@ -35,6 +35,7 @@ from twolane.v1 import inference_pb2_grpc, jobs_pb2
 
 RESULTS_DIR = Path(__file__).parent / "results"
 VOCAB_SIZE = 256  # ids every built-in and bench checkpoint accepts
+SUBMIT_CONCURRENCY = 64
 
 
 @dataclass
@@ -113,8 +114,13 @@ async def _mixed_phase(
                 req.custom_id = f"mixed-{i}"
                 req.tier = (jobs_pb2.JOB_TIER_STANDARD, jobs_pb2.JOB_TIER_BULK)[i % 2]
                 requests.append(req)
-            responses = await asyncio.gather(*(stub.SubmitJob(r) for r in requests))
-            watch.wanted.update(r.job_id for r in responses)
+            limit = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+
+            async def submit(request: jobs_pb2.SubmitJobRequest) -> str:
+                async with limit:
+                    return (await stub.SubmitJob(request)).job_id
+
+            watch.wanted.update(await asyncio.gather(*(submit(r) for r in requests)))
             # Let the batch lane reach its steady state before interactive traffic starts.
             await asyncio.sleep(2.0)
             start = time.perf_counter()
@@ -132,9 +138,12 @@ async def _mixed_phase(
             deadline = time.monotonic() + 1800
             while watch.num_pending and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            states = await asyncio.gather(
-                *(stub.GetResult(jobs_pb2.GetResultRequest(job_id=j)) for j in watch.wanted)
-            )
+
+            async def result(job_id: str) -> jobs_pb2.GetResultResponse:
+                async with limit:
+                    return await stub.GetResult(jobs_pb2.GetResultRequest(job_id=job_id))
+
+            states = await asyncio.gather(*(result(j) for j in watch.wanted))
     finally:
         await nc.close()
     window_s = end - start
@@ -189,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         # Enough jobs that the backlog outlasts the interactive run, and never fewer than asked.
         mean_job_tokens = (args.output_lens.low + args.output_lens.high) / 2
-        backlog_jobs = int(2 * capacity_tok_s * args.window_s / mean_job_tokens)
+        backlog_jobs = int(1.5 * capacity_tok_s * args.window_s / mean_job_tokens)
         num_jobs = max(args.num_jobs, backlog_jobs)
         mixed, batch = asyncio.run(
             _mixed_phase(server.address, server.nats_url, args, rate, num_interactive, num_jobs)
