@@ -1,0 +1,74 @@
+"""As a new user would: `make run`, then the CLI against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .serving import TWOLANE, ServerProcess
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def make_run() -> Iterator[ServerProcess]:
+    """`make run` as the README says, on a free port and a private data dir."""
+    env = {
+        **os.environ,
+        "TWOLANE_PORT": "0",
+        "TWOLANE_DATA_DIR": tempfile.mkdtemp(prefix="twolane-make-run-"),
+    }
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "run"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group: make and the server stop together
+    )
+    server = ServerProcess(proc)
+    threading.Thread(target=server._read_output, daemon=True).start()
+    server.wait_listening()
+    yield server
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(60)
+
+
+def twolane(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TWOLANE, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_against_make_run_prints_text(make_run: ServerProcess) -> None:
+    result = twolane(
+        "generate", "Once upon a time", "--max-tokens", "16", "--target", make_run.address
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 0
+
+
+@pytest.mark.slow
+def test_batch_of_50_prompts_against_make_run_writes_50_results(
+    make_run: ServerProcess, tmp_path: Path
+) -> None:
+    source = tmp_path / "prompts.jsonl"
+    lines = [
+        {"custom_id": f"line-{i}", "body": {"prompt": f"Prompt {i}:", "max_tokens": 8}}
+        for i in range(50)
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "results.jsonl"
+    result = twolane("batch", str(source), "-o", str(output), "--target", make_run.address)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"line-{i}" for i in range(50))
+    assert all(r["error"] is None for r in rows), rows[:3]
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] == 8 for r in rows)
