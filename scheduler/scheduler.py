@@ -131,6 +131,13 @@ class Scheduler:
         )
         self._schedule_running(step, batch=False)
         self._admit_waiting(step, batch=False)
+        if any(
+            s.seq.priority is Priority.INTERACTIVE and s.seq.num_output_tokens == 0
+            for s in out.scheduled
+        ):
+            # A step that brings interactive requests to their first token carries no batch
+            # work: batch decodes would only make that step, and so the TTFT, longer.
+            return out
         self._schedule_running(step, batch=True)
         # Admitting batch work right after preempting would only thrash the cache.
         if not out.preempted:

@@ -171,12 +171,29 @@ def test_batch_allowance_shrinks_after_slow_interactive_steps_and_grows_back() -
     assert scheduler.batch_token_allowance > cut
 
     # With interactive work around, batch prefill is held to the allowance.
-    scheduler.batch_token_allowance = 8
     engine.add_request(
         "job", prompt_token_ids=[3] * 100, params=BATCH_PARAMS, priority=Priority.BULK
     )
     add_interactive(engine)
     schedules = record_schedules(engine)
+    engine.step()  # the interactive request's first token: a step of its own
+    scheduler.batch_token_allowance = 8
     engine.step()
-    batch_tokens = sum(s.num_new_tokens for s in schedules[-1].scheduled if s.seq.priority.is_batch)
+    first, second = schedules[-2:]
+    assert [s.seq.request_id for s in first.scheduled] == ["chat"]
+    batch_tokens = sum(s.num_new_tokens for s in second.scheduled if s.seq.priority.is_batch)
     assert batch_tokens == 8
+
+
+def test_a_step_that_starts_interactive_requests_carries_no_batch_work() -> None:
+    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=256))
+    fill_with_batch(engine, 6)
+    add_interactive(engine)
+    schedules = record_schedules(engine)
+    engine.step()
+    engine.step()
+    first, second = schedules[-2:]
+    assert [s.seq.request_id for s in first.scheduled] == ["chat"]
+    # Once it has its first token, batch decodes share the steps again.
+    assert len(second.scheduled) == 7
+    assert len(engine.scheduler.running) == 7  # nothing was preempted for it
