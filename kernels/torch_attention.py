@@ -135,8 +135,10 @@ def _decode_bucket(
     n = bucket.rows.numel()
     # [n, max_len, num_kv_heads, head_dim] -> [n, num_kv_heads, max_len, head_dim]
     shape = (n, bucket.max_len, num_kv_heads, head_dim)
-    keys = k_cache[bucket.block_tables].view(shape).float().transpose(1, 2)
-    values = v_cache[bucket.block_tables].view(shape).float().transpose(1, 2)
+    # index_select over the flattened table copies less than 2-D advanced indexing.
+    blocks = bucket.block_tables.flatten()
+    keys = k_cache.index_select(0, blocks).view(shape).float().transpose(1, 2)
+    values = v_cache.index_select(0, blocks).view(shape).float().transpose(1, 2)
     q = query32[bucket.rows].view(n, num_kv_heads, group, head_dim)
     scores = torch.matmul(q, keys.transpose(2, 3)) * scale  # [n, num_kv_heads, group, max_len]
     padding = torch.arange(bucket.max_len) >= bucket.seq_lens[:, None]  # [n, max_len]
