@@ -138,8 +138,8 @@ class ServeConfig:
         max_waiting_interactive, block_size, max_num_batched_tokens,
         reserved_block_fraction, max_batch_share, interactive_ttft_target_s: passed to
         the engine (see EngineConfig).
-        threads: torch intra-op threads for the engine; 0 takes one per core but one, which
-            is left to the event loop, nats-server and clients.
+        threads: torch intra-op threads for the engine; 0 keeps torch's default (one per
+            core). Fewer help when other busy processes share the machine.
         metrics_port: Prometheus metrics over HTTP on this port; -1 turns them off, 0 picks a
             free port (logged).
         jobs: the batch lane (see JobsConfig).
@@ -293,7 +293,7 @@ class ServeConfig:
                 "0.5",
                 "interactive first-token target; batch prefill per step is sized to it",
             ),
-            ("threads", int, "0", "torch threads for the engine; 0: one per core but one"),
+            ("threads", int, "0", "torch threads for the engine; 0: one per core"),
             ("metrics_port", int, "-1", "Prometheus metrics port; -1 off, 0 a free port"),
         )
         for dest, kind, fallback, text in engine_knobs:

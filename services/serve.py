@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from typing import TYPE_CHECKING
 
 import grpc
@@ -62,9 +61,10 @@ async def start_engine(stack: contextlib.AsyncExitStack, config: ServeConfig) ->
 
     from twolane.scheduler.async_engine import AsyncEngine
 
-    # Leave a core to the event loop, nats-server and clients: an intra-op thread that
-    # has to share its core stalls every parallel op for milliseconds.
-    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
+    if config.threads:
+        # Fewer intra-op threads than cores when other busy processes share the machine:
+        # a parallel op whose thread has to share a core stalls for milliseconds.
+        torch.set_num_threads(config.threads)
     log.info("loading model", model=config.model, device=config.device, dtype=config.dtype)
     engine = AsyncEngine(config.engine_config())
     await engine.start()

@@ -11,9 +11,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 # A private cache for the built-in model, so tests never depend on the user's cache.
 os.environ.setdefault("TWOLANE_CACHE_DIR", str(Path(__file__).parent.parent / ".cache" / "test"))
-# Test models are tiny, and servers started by the integration tests share the cores:
-# one intra-op thread avoids parallel ops stalling on a busy core.
+# Test models are tiny, and the servers the integration tests start share the cores with
+# this process: one intra-op thread each avoids parallel ops stalling on a busy core.
 torch.set_num_threads(1)
+os.environ.setdefault("TWOLANE_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
