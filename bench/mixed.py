@@ -81,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the server's --interactive-ttft-target-s (default: the server's own default)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the server's --threads; the tiny built-in model runs fastest on one",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small run that checks the plumbing")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path")
@@ -173,6 +179,7 @@ def run(args: argparse.Namespace) -> dict:
         num_blocks=args.num_blocks,
         max_batch_inflight=args.max_num_seqs,
     )
+    os.environ["TWOLANE_THREADS"] = str(args.threads)
     if args.ttft_target_s is not None:
         # The server takes every flag from its TWOLANE_* environment variable too.
         os.environ["TWOLANE_INTERACTIVE_TTFT_TARGET_S"] = str(args.ttft_target_s)
@@ -212,6 +219,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_num_seqs": args.max_num_seqs,
         "load": args.load,
         "ttft_target_s": args.ttft_target_s,
+        "threads": args.threads,
         "capacity": {"output_tokens_per_s": capacity_tok_s, "requests_per_s": capacity_req_s},
         "interactive_rate_per_s": rate,
         "alone": alone,
