@@ -13,7 +13,7 @@ from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc
 
 from .serving import ServerProcess, start_server, wait_until_idle
 
-LONG = generate_pb2.SamplingParams(max_tokens=1500, ignore_eos=True)
+LONG = generate_pb2.SamplingParams(max_tokens=2000, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc
 from .serving import ServerProcess, wait_until_idle
 
 # Long enough that the request is still generating when the client gives up.
-LONG = generate_pb2.SamplingParams(max_tokens=1500, ignore_eos=True)
+# Near the built-in model's 2048-token context: seconds of work, far past the deadlines below.
+LONG = generate_pb2.SamplingParams(max_tokens=2000, ignore_eos=True)
 
 
 async def assert_blocks_held(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
@@ -53,7 +54,7 @@ async def test_deadline_mid_stream_is_deadline_exceeded_and_frees_blocks(
     stub: inference_pb2_grpc.InferenceServiceStub,
 ) -> None:
     request = generate_pb2.GenerateStreamRequest(prompt="slow", params=LONG)
-    call = stub.GenerateStream(request, timeout=2.0)
+    call = stub.GenerateStream(request, timeout=0.5)
     first = await call.read()
     assert len(first.token_ids) >= 1  # generation had started before the deadline
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -67,6 +68,6 @@ async def test_deadline_on_unary_generate_frees_blocks(
     stub: inference_pb2_grpc.InferenceServiceStub,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Generate(generate_pb2.GenerateRequest(prompt="slow", params=LONG), timeout=1.0)
+        await stub.Generate(generate_pb2.GenerateRequest(prompt="slow", params=LONG), timeout=0.5)
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     await assert_no_blocks_held(stub)

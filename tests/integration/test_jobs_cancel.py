@@ -104,7 +104,7 @@ async def test_a_finished_job_cannot_be_cancelled(
 async def test_queued_jobs_start_urgent_then_standard_then_bulk(
     stub: inference_pb2_grpc.InferenceServiceStub,
 ) -> None:
-    blocker = (await stub.SubmitJob(job_request("blocker", max_tokens=200))).job_id
+    blocker = (await stub.SubmitJob(job_request("blocker", max_tokens=1000))).job_id
     await wait_for_states(stub, [blocker], frozenset({jobs_pb2.JOB_STATE_RUNNING}))
     tiers = (jobs_pb2.JOB_TIER_BULK, jobs_pb2.JOB_TIER_STANDARD, jobs_pb2.JOB_TIER_URGENT)
     ids = [(await stub.SubmitJob(job_request(f"tier {t}", tier=t))).job_id for t in tiers]
