@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -53,3 +54,22 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep large freed buffers instead of returning them to the OS.
+
+    Each engine step allocates and frees the same multi-megabyte activations; by
+    default glibc maps them fresh every time (and trims the heap), so every step pays
+    page faults again. Keeping them cut a served batch-64 decode step of the wide
+    bench model from ~100 to ~80 ms. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8
+    libc.mallopt(m_arena_max, 1)  # the engine thread shares the main arena
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(m_top_pad, 256 << 20)

@@ -20,7 +20,7 @@ from prometheus_client import start_http_server
 from twolane.services.config import ServeConfig
 from twolane.services.gateway import InferenceServicer
 from twolane.services.jobs import JobService
-from twolane.services.process import run_process, stop_event
+from twolane.services.process import keep_freed_memory, run_process, stop_event
 from twolane.v1 import inference_pb2, inference_pb2_grpc
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ async def start_engine(stack: contextlib.AsyncExitStack, config: ServeConfig) ->
         # Fewer intra-op threads than cores when other busy processes share the machine:
         # a parallel op whose thread has to share a core stalls for milliseconds.
         torch.set_num_threads(config.threads)
+    keep_freed_memory()
     log.info("loading model", model=config.model, device=config.device, dtype=config.dtype)
     engine = AsyncEngine(config.engine_config())
     await engine.start()
