@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from typing import TYPE_CHECKING
 
 import grpc
@@ -47,6 +48,9 @@ async def serve(config: ServeConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight requests and stop."""
     stop = stop_event()
     async with contextlib.AsyncExitStack() as stack:
+        # NATS first: a data dir another server holds is refused before the model loads,
+        # and NATS outlives everything that uses it on the way down.
+        config = await start_nats(stack, config)
         engine = await start_engine(stack, config)
         start_metrics(stack, config, engine)
         jobs = await start_jobs(stack, config, engine)
@@ -54,6 +58,15 @@ async def serve(config: ServeConfig) -> None:
         await stop.wait()
         log.info("draining", grace_period_s=config.grace_period_s)
     log.info("stopped")
+
+
+async def start_nats(stack: contextlib.AsyncExitStack, config: ServeConfig) -> ServeConfig:
+    """Start the embedded nats-server unless --nats-url names one; return the config with
+    the URL to use."""
+    from twolane.services import jobs
+
+    url = await jobs.start_nats(stack, config.jobs)
+    return dataclasses.replace(config, jobs=dataclasses.replace(config.jobs, nats_url=url))
 
 
 async def start_engine(stack: contextlib.AsyncExitStack, config: ServeConfig) -> AsyncEngine:
