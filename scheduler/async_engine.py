@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from twolane.models.tokenizer import Tokenizer
 from twolane.scheduler.config import EngineConfig
 from twolane.scheduler.engine import EngineStats, LLMEngine
 from twolane.scheduler.errors import EngineStoppedError, QueueFullError
@@ -83,13 +84,14 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
-        self.vocab_size = self.engine.vocab_size
-        self.max_model_len = self.engine.max_model_len
+        # Built by start(), on the engine thread; see _main.
+        self.engine: LLMEngine
+        self.tokenizer: Tokenizer
+        self.vocab_size: int
+        self.max_model_len: int
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
-        self._stats = self.engine.stats()
+        self._stats: EngineStats | None = None
         self._num_queued_interactive = 0  # admitted to the inbox, not yet seen by the engine
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,11 +101,43 @@ class AsyncEngine:
         self._listeners: list[Callable[[EngineStats], None]] = []
 
     async def start(self) -> None:
+        """Load the model on the engine thread and start stepping.
+
+        Raises:
+            Whatever loading the model raises (a missing checkpoint, a bad config).
+        """
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="twolane-engine", daemon=True)
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._main, args=(ready,), name="twolane-engine", daemon=True
+        )
         self._thread.start()
+        try:
+            await ready
+        except BaseException:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            raise
+
+    def _main(self, ready: asyncio.Future[None]) -> None:
+        # All of the engine's torch work, loading included, happens on this one thread:
+        # once another thread has run an OpenMP parallel region, the runtime counts more
+        # threads than cores and synchronises every parallel op the slow way (a batch-64
+        # decode step of the wide bench model took 76 ms here instead of 53).
+        assert self._loop is not None
+        try:
+            self.engine = LLMEngine(self.config)
+        except BaseException as exc:
+            self._loop.call_soon_threadsafe(ready.set_exception, exc)
+            return
+        self.tokenizer = self.engine.tokenizer
+        self.vocab_size = self.engine.vocab_size
+        self.max_model_len = self.engine.max_model_len
+        self._stats = self.engine.stats()
+        self._loop.call_soon_threadsafe(ready.set_result, None)
+        self._run()
 
     async def shutdown(self) -> None:
         """Stop the engine thread; unfinished requests end with an abort."""
@@ -142,7 +176,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             if priority is Priority.INTERACTIVE:
-                num_waiting = self._stats.num_waiting_interactive + self._num_queued_interactive
+                num_waiting = self.stats().num_waiting_interactive + self._num_queued_interactive
                 if num_waiting >= self.config.max_waiting_interactive:
                     raise QueueFullError(
                         f"{num_waiting} interactive requests are waiting; retry later"
@@ -162,6 +196,8 @@ class AsyncEngine:
         self._wakeup.set()
 
     def stats(self) -> EngineStats:
+        if self._stats is None:
+            raise EngineStoppedError("the engine has not started")
         return self._stats
 
     # ---- engine thread -----------------------------------------------------------
