@@ -204,10 +204,6 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
-    def reset_prefix_cache_stats(self) -> None:
-        self.num_prefix_query_tokens = 0
-        self.num_prefix_hit_tokens = 0
-
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (used by tests)."""
         for block in self.blocks:

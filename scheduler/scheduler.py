@@ -93,7 +93,6 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.num_preemptions_by_lane = {"interactive": 0, "batch": 0}
         # Batch tokens allowed in a step that also serves interactive work. Adjusted after
         # every such step: cut when the step ran past half the TTFT target, grown otherwise,
         # so batch work takes what the interactive latency target leaves.
@@ -165,7 +164,6 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.num_preemptions_by_lane["batch" if seq.priority.is_batch else "interactive"] += 1
         self.add(seq)
 
     def _batch_token_budget(self) -> int:
