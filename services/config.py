@@ -196,10 +196,6 @@ class ServeConfig:
             interactive_ttft_target_s=self.interactive_ttft_target_s,
         )
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         """Flags of `twolane serve`; each has a TWOLANE_* environment variable."""

@@ -54,7 +54,8 @@ async def serve(config: ServeConfig) -> None:
         engine = await start_engine(stack, config)
         start_metrics(stack, config, engine)
         jobs = await start_jobs(stack, config, engine)
-        await start_grpc_server(stack, config, engine, jobs)
+        servicer = InferenceServicer(engine, jobs)
+        await start_grpc_server(stack, servicer, config.host, config.port, config.grace_period_s)
         await stop.wait()
         log.info("draining", grace_period_s=config.grace_period_s)
     log.info("stopped")
@@ -124,32 +125,37 @@ async def start_jobs(
 
 async def start_grpc_server(
     stack: contextlib.AsyncExitStack,
-    config: ServeConfig,
-    engine: AsyncEngine,
-    jobs: JobService | None,
-) -> grpc.aio.Server:
+    servicer: inference_pb2_grpc.InferenceServiceServicer,
+    host: str,
+    port: int,
+    grace_period_s: float,
+    **log_fields: object,
+) -> int:
+    """Serve `servicer` with health and reflection; returns the bound port.
+
+    On exit the server turns NOT_SERVING, refuses new RPCs and gives in-flight ones
+    `grace_period_s`.
+    """
     server = grpc.aio.server()
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(engine, jobs), server
-    )
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    address = f"{host}:{port}"
     try:
-        port = server.add_insecure_port(config.address)
+        bound = server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise OSError(f"cannot listen on {config.address}: {exc}") from exc
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
     await server.start()
 
     async def drain() -> None:
         await health_servicer.enter_graceful_shutdown()
-        # New RPCs are refused at once; in-flight ones get the grace period.
-        await server.stop(config.grace_period_s)
+        await server.stop(grace_period_s)
 
     stack.push_async_callback(drain)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("listening", host=config.host, port=port, address=f"{config.host}:{port}")
-    return server
+    log.info("listening", host=host, port=bound, address=f"{host}:{bound}", **log_fields)
+    return bound

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from twolane.services import jobs
 from twolane.services.config import DEFAULT_PORT, JobsConfig, ServeConfig, env_default, env_flag
@@ -26,7 +24,7 @@ from twolane.services.errors import NotConfiguredError
 from twolane.services.jobs import JobService
 from twolane.services.logging import LOG_LEVELS
 from twolane.services.process import run_process, stop_event
-from twolane.services.serve import SERVICE_NAME, serve
+from twolane.services.serve import serve, start_grpc_server
 from twolane.services.status import grpc_errors
 from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
 
@@ -84,10 +82,6 @@ class GatewayConfig:
         for worker in self.workers:
             if ":" not in worker:
                 raise ValueError(f"--worker takes HOST:PORT, got {worker!r}")
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,42 +154,17 @@ async def run_gateway(config: GatewayConfig) -> None:
         )
         servicer = GatewayServicer(config.workers, store)
         stack.push_async_callback(servicer.close)
-        await start_gateway_server(stack, config, servicer)
+        await start_grpc_server(
+            stack,
+            servicer,
+            config.host,
+            config.port,
+            config.grace_period_s,
+            workers=list(config.workers),
+        )
         await stop.wait()
         log.info("draining", grace_period_s=config.grace_period_s)
     log.info("stopped")
-
-
-async def start_gateway_server(
-    stack: contextlib.AsyncExitStack, config: GatewayConfig, servicer: GatewayServicer
-) -> None:
-    server = grpc.aio.server()
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    try:
-        port = server.add_insecure_port(config.address)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {config.address}: {exc}") from exc
-    await server.start()
-
-    async def drain() -> None:
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(config.grace_period_s)
-
-    stack.push_async_callback(drain)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "listening",
-        host=config.host,
-        port=port,
-        address=f"{config.host}:{port}",
-        workers=list(config.workers),
-    )
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
