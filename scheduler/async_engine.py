@@ -137,7 +137,13 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self._stats = self.engine.stats()
         self._loop.call_soon_threadsafe(ready.set_result, None)
-        self._run()
+        try:
+            self._run()
+        except Exception as exc:
+            # A bug in a step must not leave callers waiting forever on dead streams.
+            log.exception("engine_failed")
+            self._stopping = True
+            self._fail_all(f"the engine stopped: {exc!r}")
 
     async def shutdown(self) -> None:
         """Stop the engine thread; unfinished requests end with an abort."""
@@ -283,6 +289,19 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
             stream._put(out)
+
+    def _fail_all(self, error: str) -> None:
+        """End every request with an error, returning what blocks the engine can."""
+        for request_id in list(self.engine._requests):
+            with contextlib.suppress(Exception):
+                self.engine.abort(request_id)
+        outputs = [
+            RequestOutput(request_id, finished=True, finish_reason=FinishReason.ERROR, error=error)
+            for request_id in list(self._streams)
+        ]
+        with contextlib.suppress(Exception):
+            self._publish_stats()
+        self._deliver(outputs)
 
     def _abort_all(self) -> None:
         outputs = [

@@ -106,3 +106,26 @@ async def test_a_non_streaming_request_yields_one_output_with_every_token() -> N
         assert whole[0].new_text == "".join(o.new_text for o in streamed)
     finally:
         await engine.shutdown()
+
+
+async def test_a_failing_engine_ends_every_stream_with_an_error_and_refuses_new_work() -> None:
+    engine = AsyncEngine(EngineConfig(model="builtin", num_blocks=64))
+    await engine.start()
+    params = SamplingParams(max_tokens=1000, ignore_eos=True)
+    stream = engine.add_request("victim", prompt="x", params=params)
+    updates = stream.__aiter__()
+    first = await updates.__anext__()
+    assert not first.finished
+
+    def broken(now_s: float) -> None:
+        raise RuntimeError("scheduler bug")
+
+    # Fault injection into the scheduler: a bug outside the model's forward pass.
+    engine.engine.scheduler.schedule = broken  # type: ignore[method-assign]
+    outs = [out async for out in updates]
+    assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ERROR
+    assert "scheduler bug" in (outs[-1].error or "")
+    assert engine.engine.block_manager.num_used_blocks == 0
+    with pytest.raises(EngineStoppedError):
+        engine.add_request("after", prompt="x", params=params)
+    await engine.shutdown()
