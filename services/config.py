@@ -29,6 +29,25 @@ def default_data_dir() -> str:
     return str(Path(base) / "twolane")
 
 
+def add_number_flags(
+    parser: argparse.ArgumentParser,
+    rows: tuple[tuple[str, type, str, str], ...],
+    prefix: str = "",
+) -> None:
+    """Add `--[prefix-]dest` flags from (dest, type, default, help) rows; each one's default
+    comes from `TWOLANE_[PREFIX_]DEST` when that is set."""
+    for dest, kind, fallback, text in rows:
+        name = f"{prefix}_{dest}" if prefix else dest
+        env = "TWOLANE_" + name.upper()
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=dest,
+            type=kind,
+            default=env_default(env, fallback),
+            help=f"{text} (env {env})",
+        )
+
+
 @dataclass(frozen=True)
 class JobsConfig:
     """The batch lane: where NATS is and how jobs are kept, retried and pulled.
@@ -104,15 +123,7 @@ class JobsConfig:
             ("retry_backoff_s", float, "1", "first retry delay in seconds (doubles each retry)"),
             ("max_batch_inflight", int, "0", "most jobs a worker runs at once; 0: max_num_seqs"),
         )
-        for dest, kind, fallback, text in numbers:
-            env = "TWOLANE_JOB_" + dest.upper()
-            add(
-                "--job-" + dest.replace("_", "-"),
-                dest=dest,
-                type=kind,
-                default=env_default(env, fallback),
-                help=f"{text} (env {env})",
-            )
+        add_number_flags(parser, numbers, prefix="job")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> JobsConfig:
@@ -248,24 +259,6 @@ class ServeConfig:
             help="env TWOLANE_DTYPE",
         )
         add(
-            "--num-blocks",
-            type=int,
-            default=env_default("TWOLANE_NUM_BLOCKS", "0"),
-            help="KV cache blocks; 0 sizes the cache from memory (env TWOLANE_NUM_BLOCKS)",
-        )
-        add(
-            "--max-num-seqs",
-            type=int,
-            default=env_default("TWOLANE_MAX_NUM_SEQS", "64"),
-            help="most sequences per step (env TWOLANE_MAX_NUM_SEQS)",
-        )
-        add(
-            "--max-model-len",
-            type=int,
-            default=env_default("TWOLANE_MAX_MODEL_LEN", "0"),
-            help="longest sequence; 0 takes the model's own (env TWOLANE_MAX_MODEL_LEN)",
-        )
-        add(
             "--max-waiting",
             dest="max_waiting_interactive",
             type=int,
@@ -274,6 +267,9 @@ class ServeConfig:
             "RESOURCE_EXHAUSTED (env TWOLANE_MAX_WAITING)",
         )
         engine_knobs: tuple[tuple[str, type, str, str], ...] = (
+            ("num_blocks", int, "0", "KV cache blocks; 0 sizes the cache from memory"),
+            ("max_num_seqs", int, "64", "most sequences per step"),
+            ("max_model_len", int, "0", "longest sequence; 0 takes the model's own"),
             ("block_size", int, "16", "tokens per KV block"),
             ("max_num_batched_tokens", int, "2048", "most tokens (prefill + decode) per step"),
             (
@@ -292,15 +288,7 @@ class ServeConfig:
             ("threads", int, "0", "torch threads for the engine; 0: one per core"),
             ("metrics_port", int, "-1", "Prometheus metrics port; -1 off, 0 a free port"),
         )
-        for dest, kind, fallback, text in engine_knobs:
-            env = "TWOLANE_" + dest.upper()
-            add(
-                "--" + dest.replace("_", "-"),
-                dest=dest,
-                type=kind,
-                default=env_default(env, fallback),
-                help=f"{text} (env {env})",
-            )
+        add_number_flags(parser, engine_knobs)
         JobsConfig.add_arguments(parser)
 
     @classmethod
