@@ -28,6 +28,39 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def load_kv_tile(
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    block_table_ptr,  # this sequence's row of the block table
+    tokens,  # [N] token positions in the sequence
+    token_mask,  # [N] positions that exist
+    kv_head,
+    dims,  # [D] 0..head_dim_p2
+    dim_mask,  # [D] dims < head_dim
+    cache_stride_block,
+    cache_stride_offset,
+    cache_stride_head,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """Load one KV head's K and V for `tokens` through the block table: [N, D] each."""
+    blocks = tl.load(block_table_ptr + tokens // BLOCK_SIZE, mask=token_mask, other=0)
+    kv_offsets = (
+        blocks.to(tl.int64)[:, None] * cache_stride_block
+        + (tokens % BLOCK_SIZE)[:, None] * cache_stride_offset
+        + kv_head * cache_stride_head
+        + dims[None, :]
+    )
+    kv_mask = token_mask[:, None] & dim_mask[None, :]
+    key = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    value = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    if DOT_IN_FP32:
+        key = key.to(tl.float32)
+        value = value.to(tl.float32)
+    return key, value
+
+
+@triton.jit
 def _decode_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]; written unless SPLIT
     part_acc_ptr,  # [num_seqs, num_heads, num_partitions, HEAD_DIM_P2] fp32; written if SPLIT
@@ -90,19 +123,21 @@ def _decode_kernel(
     for tile_start in range(start, end, TILE_N):
         tokens = tile_start + tl.arange(0, TILE_N)
         token_mask = tokens < seq_len
-        blocks = tl.load(block_table_ptr + tokens // BLOCK_SIZE, mask=token_mask, other=0)
-        kv_offsets = (
-            blocks.to(tl.int64)[:, None] * cache_stride_block
-            + (tokens % BLOCK_SIZE)[:, None] * cache_stride_offset
-            + kv_head * cache_stride_head
-            + dims[None, :]
+        key, value = load_kv_tile(  # [TILE_N, D] each
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table_ptr,
+            tokens,
+            token_mask,
+            kv_head,
+            dims,
+            dim_mask,
+            cache_stride_block,
+            cache_stride_offset,
+            cache_stride_head,
+            BLOCK_SIZE,
+            DOT_IN_FP32,
         )
-        kv_mask = token_mask[:, None] & dim_mask[None, :]
-        key = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [TILE_N, D]
-        value = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        if DOT_IN_FP32:
-            key = key.to(tl.float32)
-            value = value.to(tl.float32)
 
         scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2
         scores = tl.where(token_mask[None, :], scores, float("-inf"))

@@ -17,7 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from twolane.kernels.triton_decode import check_paged_inputs, dot_in_fp32, dot_precision
+from twolane.kernels.triton_decode import (
+    check_paged_inputs,
+    dot_in_fp32,
+    dot_precision,
+    load_kv_tile,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -88,19 +93,21 @@ def _prefill_kernel(
     for tile_start in range(0, kv_end, BLOCK_N):
         keys = tile_start + tl.arange(0, BLOCK_N)
         key_mask = keys < seq_len
-        blocks = tl.load(block_table_ptr + keys // BLOCK_SIZE, mask=key_mask, other=0)
-        kv_offsets = (
-            blocks.to(tl.int64)[:, None] * cache_stride_block
-            + (keys % BLOCK_SIZE)[:, None] * cache_stride_offset
-            + kv_head * cache_stride_head
-            + dims[None, :]
+        key, value = load_kv_tile(  # [BLOCK_N, D] each
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table_ptr,
+            keys,
+            key_mask,
+            kv_head,
+            dims,
+            dim_mask,
+            cache_stride_block,
+            cache_stride_offset,
+            cache_stride_head,
+            BLOCK_SIZE,
+            DOT_IN_FP32,
         )
-        kv_mask = key_mask[:, None] & dim_mask[None, :]
-        key = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, D]
-        value = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        if DOT_IN_FP32:
-            key = key.to(tl.float32)
-            value = value.to(tl.float32)
 
         scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2
         visible = key_mask[None, :] & (keys[None, :] <= positions[:, None])
