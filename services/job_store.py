@@ -121,13 +121,7 @@ class JobStore:
                     await self.buckets.idempotency.create(key, job_id.encode())
                 except nats.js.errors.KeyWrongLastSequenceError:
                     return await self._existing_job(key, request, tenant)
-            record = job_record_pb2.JobRecord(
-                job_id=job_id,
-                tenant=tenant,
-                state=jobs_pb2.JOB_STATE_QUEUED,
-                submission=request,
-                created_at=now_timestamp(),
-            )
+            record = queued_record(job_id, tenant, request)
             await self.buckets.jobs.create(job_id, record.SerializeToString())
             try:
                 await self._enqueue(record)
@@ -317,13 +311,7 @@ class JobStore:
             # The first submitter has not written the record yet (or died before it
             # did): write it from this identical request. Enqueueing twice is harmless,
             # the ticket's Nats-Msg-Id is the job id.
-            record = job_record_pb2.JobRecord(
-                job_id=job_id,
-                tenant=tenant,
-                state=jobs_pb2.JOB_STATE_QUEUED,
-                submission=request,
-                created_at=now_timestamp(),
-            )
+            record = queued_record(job_id, tenant, request)
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await self.buckets.jobs.create(job_id, record.SerializeToString())
             await self._enqueue(record)
@@ -369,3 +357,16 @@ def parse_ticket(data: bytes) -> job_record_pb2.JobTicket | None:
     except protobuf_message.DecodeError:
         return None
     return ticket if _is_job_id(ticket.job_id) else None
+
+
+def queued_record(
+    job_id: str, tenant: str, request: jobs_pb2.SubmitJobRequest
+) -> job_record_pb2.JobRecord:
+    """A new job's record, as it enters the queue."""
+    return job_record_pb2.JobRecord(
+        job_id=job_id,
+        tenant=tenant,
+        state=jobs_pb2.JOB_STATE_QUEUED,
+        submission=request,
+        created_at=now_timestamp(),
+    )

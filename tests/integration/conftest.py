@@ -9,6 +9,7 @@ import pytest
 
 from twolane.v1 import inference_pb2_grpc
 
+from .nats_fixtures import EventRecorder, NatsServer
 from .serving import ServerProcess, start_server
 
 
@@ -24,3 +25,19 @@ def server() -> Iterator[ServerProcess]:
 async def stub(server: ServerProcess) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
     async with grpc.aio.insecure_channel(server.address) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server with JetStream of the test module's own, on a free loopback port."""
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def events(nats_server: NatsServer) -> AsyncIterator[EventRecorder]:
+    """Every completion event published while the test runs."""
+    recorder = await EventRecorder().start(nats_server.url)
+    yield recorder
+    await recorder.close()

@@ -18,13 +18,6 @@ LONG_TOKENS = 1800
 
 
 @pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def one_job_server(nats_server: NatsServer) -> Iterator[ServerProcess]:
     server = start_server("--nats-url", nats_server.url, "--job-max-batch-inflight", "1")
     yield server
@@ -37,13 +30,6 @@ async def stub(
 ) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
     async with grpc.aio.insecure_channel(one_job_server.address) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture
-async def events(nats_server: NatsServer) -> AsyncIterator[EventRecorder]:
-    recorder = await EventRecorder().start(nats_server.url)
-    yield recorder
-    await recorder.close()
 
 
 async def start_long_job(stub: inference_pb2_grpc.InferenceServiceStub) -> str:

@@ -22,13 +22,6 @@ TIERS = (jobs_pb2.JOB_TIER_URGENT, jobs_pb2.JOB_TIER_STANDARD, jobs_pb2.JOB_TIER
 
 
 @pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def jobs_server(nats_server: NatsServer) -> Iterator[ServerProcess]:
     env = {
         "TWOLANE_FAULT_FAIL_PROMPT_PREFIX": FAIL_PREFIX,
@@ -46,13 +39,6 @@ async def stub(
 ) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
     async with grpc.aio.insecure_channel(jobs_server.address) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture
-async def events(nats_server: NatsServer) -> AsyncIterator[EventRecorder]:
-    recorder = await EventRecorder().start(nats_server.url)
-    yield recorder
-    await recorder.close()
 
 
 async def read_records(url: str, job_ids: set[str]) -> dict[str, job_record_pb2.JobRecord]:

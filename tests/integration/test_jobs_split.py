@@ -71,13 +71,6 @@ class Workers:
 
 
 @pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def workers(nats_server: NatsServer) -> Iterator[Workers]:
     workers = Workers(nats_server.url)
     yield workers
@@ -97,13 +90,6 @@ def gateway(nats_server: NatsServer, workers: Workers) -> Iterator[ServerProcess
 async def stub(gateway: ServerProcess) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture
-async def events(nats_server: NatsServer) -> AsyncIterator[EventRecorder]:
-    recorder = await EventRecorder().start(nats_server.url)
-    yield recorder
-    await recorder.close()
 
 
 async def read_attempts(url: str, job_ids: list[str]) -> list[int]:
