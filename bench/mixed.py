@@ -18,8 +18,10 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _mixed_phase(
+    client: Executor,
     address: str,
     nats_url: str,
     args: argparse.Namespace,
@@ -130,7 +133,8 @@ async def _mixed_phase(
             # Let the batch lane reach its steady state before interactive traffic starts.
             await asyncio.sleep(2.0)
             start = time.perf_counter()
-            interactive = await asyncio.to_thread(
+            interactive = await asyncio.get_running_loop().run_in_executor(
+                client,
                 run_interactive,
                 address,
                 _interactive_specs(args, num_interactive),
@@ -183,32 +187,39 @@ def run(args: argparse.Namespace) -> dict:
     if args.ttft_target_s is not None:
         # The server takes every flag from its TWOLANE_* environment variable too.
         os.environ["TWOLANE_INTERACTIVE_TTFT_TARGET_S"] = str(args.ttft_target_s)
-    with start_server(settings) as server:
+    # The interactive client runs in a process of its own, so that in the mixed run it
+    # does not share an interpreter with this one's handling of job events.
+    client = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    with client, start_server(settings) as server:
         assert server.nats_url, "the server did not start its embedded nats-server"
-        saturation = run_interactive(
+        saturation = client.submit(
+            run_interactive,
             server.address,
             _interactive_specs(args, 3 * args.max_num_seqs),
             args.max_num_seqs,
             label="capacity",
-        )
+        ).result()
         capacity_tok_s = float(saturation["output_tokens_per_s"])  # type: ignore[arg-type]
         capacity_req_s = float(saturation["request_throughput_per_s"])  # type: ignore[arg-type]
         rate = args.load * capacity_req_s
         num_interactive = max(20, int(rate * args.window_s))
-        alone = run_interactive(
+        alone = client.submit(
+            run_interactive,
             server.address,
             _interactive_specs(args, num_interactive),
             10_000,
             rate,
             args.seed,
             "interactive alone",
-        )
+        ).result()
         # Enough jobs that the backlog outlasts the interactive run, and never fewer than asked.
         mean_job_tokens = (args.output_lens.low + args.output_lens.high) / 2
         backlog_jobs = int(1.5 * capacity_tok_s * args.window_s / mean_job_tokens)
         num_jobs = max(args.num_jobs, backlog_jobs)
         mixed, batch = asyncio.run(
-            _mixed_phase(server.address, server.nats_url, args, rate, num_interactive, num_jobs)
+            _mixed_phase(
+                client, server.address, server.nats_url, args, rate, num_interactive, num_jobs
+            )
         )
     spare_tok_s = capacity_tok_s - float(mixed["output_tokens_per_s"])  # type: ignore[arg-type]
     ttft_alone, ttft_mixed = alone["ttft_s"], mixed["ttft_s"]

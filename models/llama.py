@@ -7,7 +7,7 @@ the attention backend finds each sequence's context through `AttentionMetadata`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -166,10 +166,16 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        """Run the decoder; `between_layers`, if given, is called after every layer but the
+        last (the engine runs newly arrived interactive work there)."""
         hidden = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             hidden = layer(positions, hidden, kv_cache, meta, backend)
+            if between_layers is not None and i < last:
+                between_layers()
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

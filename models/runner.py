@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,17 @@ class ModelRunner:
         return per_layer * model_config.num_layers
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
+    def execute(
+        self,
+        scheduled: list[ScheduledSequence],
+        between_layers: Callable[[], None] | None = None,
+    ) -> StepResult:
+        """Run one step. `between_layers` may run another step of its own (on other
+        sequences) between two layers of this one."""
         input_ids, positions, meta, sample_rows, sampling = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        hidden = self.model(
+            input_ids, positions, self.kv_caches, meta, self.backend, between_layers
+        )
         if not sample_rows:
             return StepResult([], [], None)
         logits = self.model.compute_logits(hidden[sample_rows])

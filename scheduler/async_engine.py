@@ -2,12 +2,14 @@
 
 Forward passes run on the engine thread, so the event loop stays free for I/O.
 Callers talk to the thread through an inbox of commands; outputs come back with
-one `call_soon_threadsafe` per step.
+one `call_soon_threadsafe` per step. The thread also checks the inbox between the
+layers of a step, so a new interactive request starts in an urgent step at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import queue
 import threading
@@ -90,6 +92,8 @@ class AsyncEngine:
         self.vocab_size: int
         self.max_model_len: int
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        # Commands taken from the inbox during a step and applied after it, in order.
+        self._deferred: collections.deque[_Abort | None] = collections.deque()
         self._streams: dict[str, RequestStream] = {}
         self._stats: EngineStats | None = None
         self._num_queued_interactive = 0  # admitted to the inbox, not yet seen by the engine
@@ -217,20 +221,44 @@ class AsyncEngine:
                 self._wakeup.wait()
                 self._wakeup.clear()
                 continue
-            outputs = self.engine.step()
+            # Requests that arrived during the last step's final layers start on their own
+            # before the next regular step (which would carry the lane's running decodes).
+            self._deliver(self.engine.urgent_step())
+            outputs = self.engine.step(self._between_layers)
             self._publish_stats()
             self._deliver(outputs)
         self._abort_all()
+
+    def _between_layers(self) -> None:
+        """Inside a step's forward pass: start interactive requests that arrived meanwhile."""
+        if not self._num_queued_interactive:  # read without the lock: a late one waits a layer
+            return
+        outputs: list[RequestOutput] = []
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add):
+                outputs.extend(self._admit(cmd))
+            else:
+                # An abort frees blocks the step in flight may still write: apply it after.
+                self._deferred.append(cmd)
+        outputs.extend(self.engine.urgent_step())
+        self._deliver(outputs)
 
     def _drain_inbox(self) -> bool:
         """Apply queued commands; False once shutdown was requested."""
         outputs: list[RequestOutput] = []
         keep_running = True
         while True:
-            try:
-                cmd = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+            if self._deferred:
+                cmd = self._deferred.popleft()
+            else:
+                try:
+                    cmd = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
             if cmd is None:
                 keep_running = False
             elif isinstance(cmd, _Add):

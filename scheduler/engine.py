@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from twolane.scheduler.config import EngineConfig
 from twolane.scheduler.errors import InvalidRequestError
 from twolane.scheduler.metrics import EngineMetrics
 from twolane.scheduler.request import FinishReason, Priority, RequestOutput, SamplingParams
-from twolane.scheduler.scheduler import LanePolicy, Scheduler
+from twolane.scheduler.scheduler import LanePolicy, ScheduledSequence, Scheduler
 from twolane.scheduler.sequence import Sequence
 
 log = structlog.get_logger(__name__)
@@ -99,6 +100,7 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
+        self._urgent_s = 0.0  # time spent in urgent steps inside the step in flight
         log.info(
             "engine_ready",
             model=str(model_dir),
@@ -201,8 +203,12 @@ class LLMEngine:
 
     # ---- stepping --------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduling step and return the outputs it produced."""
+    def step(self, between_layers: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Run one scheduling step and return the outputs it produced.
+
+        `between_layers` runs between two layers of the step's forward pass; it may call
+        `urgent_step` so that interactive requests arriving meanwhile start at once.
+        """
         now = time.monotonic()
         sched = self.scheduler.schedule(now)
         for seq in sched.expired:
@@ -212,34 +218,58 @@ class LLMEngine:
         self.metrics.observe_queues(
             self.scheduler.running, self.scheduler.waiting, self.block_manager.num_free_blocks
         )
+        if sched.scheduled:
+            self._urgent_s = 0.0
+            outputs.extend(self._execute(sched.scheduled, now, between_layers, regular=True))
+        return outputs
+
+    def urgent_step(self) -> list[RequestOutput]:
+        """Prefill waiting interactive requests in a step of their own, from inside the
+        forward pass of a step in flight (see `step`), so they need not wait for its end.
+
+        Only free blocks and slots are used (see `Scheduler.schedule_urgent`): a request
+        that needs batch work preempted waits for the next regular step.
+        """
+        sched = self.scheduler.schedule_urgent()
         if not sched.scheduled:
-            return outputs
+            return []
+        started = time.perf_counter()
+        outputs = self._execute(sched.scheduled, time.monotonic(), None, regular=False)
+        self._urgent_s += time.perf_counter() - started
+        return outputs
+
+    def _execute(
+        self,
+        scheduled: list[ScheduledSequence],
+        now: float,
+        between_layers: Callable[[], None] | None,
+        regular: bool,
+    ) -> list[RequestOutput]:
         self.num_steps += 1
-        for item in sched.scheduled:
+        for item in scheduled:
             if item.seq.first_scheduled_time_s is None:
                 item.seq.first_scheduled_time_s = now
         started = time.perf_counter()
         try:
-            result = self.runner.execute(sched.scheduled)
+            result = self.runner.execute(scheduled, between_layers)
         except Exception:
             # Fail the requests of this step and keep the engine serving the rest.
-            log.exception("step_failed", num_seqs=len(sched.scheduled))
-            for item in sched.scheduled:
-                state = self._requests.get(item.seq.request_id)
-                if state is not None:
-                    outputs.append(
-                        self._finish(state, FinishReason.ERROR, "the engine step failed")
-                    )
-            return outputs
-        self.scheduler.observe_step(
-            time.perf_counter() - started,
-            served_interactive=any(not s.seq.priority.is_batch for s in sched.scheduled),
-        )
-        for item in sched.scheduled:
+            log.exception("step_failed", num_seqs=len(scheduled))
+            return [
+                self._finish(state, FinishReason.ERROR, "the engine step failed")
+                for item in scheduled
+                if (state := self._requests.get(item.seq.request_id)) is not None
+            ]
+        if regular:
+            # Urgent steps run inside this one's forward pass; they are not its cost.
+            self.scheduler.observe_step(
+                time.perf_counter() - started - self._urgent_s,
+                served_interactive=any(not s.seq.priority.is_batch for s in scheduled),
+            )
+        for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(item.seq)
-        outputs.extend(self._process_samples(result))
-        return outputs
+        return self._process_samples(result)
 
     def _process_samples(self, result: StepResult) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

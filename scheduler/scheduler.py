@@ -13,6 +13,10 @@ recomputed, usually from the prefix cache), lowest class and newest first. Batch
 work also keeps out of a block reserve, leaves some sequence slots free, and, while
 interactive work is around, takes only as many tokens per step as keep steps
 within half the interactive first-token target (adapted from measured steps).
+
+A request that arrives while a step is in flight need not wait for it: between two
+layers the engine may run an urgent step (`schedule_urgent`) that prefills waiting
+interactive requests alone, using only free blocks and slots.
 """
 
 from __future__ import annotations
@@ -128,6 +132,7 @@ class Scheduler:
             batch_budget=self._batch_token_budget(),
             queue=sorted(self.running, key=lambda s: s.sort_key),
         )
+        self._restore_seq_cap(step)
         self._schedule_running(step, batch=False)
         self._admit_waiting(step, batch=False)
         if any(
@@ -141,6 +146,18 @@ class Scheduler:
         # Admitting batch work right after preempting would only thrash the cache.
         if not out.preempted:
             self._admit_waiting(step, batch=True)
+        return out
+
+    def schedule_urgent(self) -> SchedulerOutput:
+        """A step of waiting interactive requests alone, to run while another step is in flight.
+
+        Every running sequence may belong to the step in flight, so nothing is preempted
+        and only free blocks are used. A new request may take a slot past `max_num_seqs`
+        while batch sequences hold slots; the next `schedule` gives those back.
+        """
+        out = SchedulerOutput()
+        step = _Step(out, budget=self.max_num_batched_tokens, batch_budget=0, queue=[])
+        self._admit_waiting(step, batch=False, urgent=True)
         return out
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -188,13 +205,18 @@ class Scheduler:
             else:
                 step.take(seq, num_new)
 
-    def _admit_waiting(self, step: _Step, batch: bool) -> None:
+    def _restore_seq_cap(self, step: _Step) -> None:
+        """Preempt batch sequences holding slots past `max_num_seqs` (see schedule_urgent)."""
+        while len(self.running) > self.max_num_seqs and self._preempt_batch_victim(step):
+            pass
+
+    def _admit_waiting(self, step: _Step, batch: bool, urgent: bool = False) -> None:
         while self.waiting and self.waiting[0].priority.is_batch == batch:
             seq = self.waiting[0]
             budget = min(step.batch_budget, step.budget) if batch else step.budget
             if budget <= 0:
                 return
-            if not self._has_slot(batch):
+            if not (self._has_urgent_slot() if urgent else self._has_slot(batch)):
                 if batch or not self._preempt_batch_victim(step):
                     return
                 continue
@@ -216,6 +238,11 @@ class Scheduler:
         if batch:
             return sum(1 for s in self.running if s.priority.is_batch) < self.max_num_batch_seqs
         return True
+
+    def _has_urgent_slot(self) -> bool:
+        """A slot for an urgent step: free, or held by batch work that can give it back."""
+        num_interactive = sum(1 for s in self.running if not s.priority.is_batch)
+        return num_interactive < self.max_num_seqs
 
     def _preempt_batch_victim(self, step: _Step) -> bool:
         """Make room for interactive work: preempt the lowest-class, newest batch sequence."""

@@ -36,30 +36,46 @@ def run_staggered(
     params: list[SamplingParams],
     arrival_steps: list[int],
     max_steps: int = 10_000,
+    mid_step: bool = False,
 ) -> dict[str, Collected]:
-    """Add prompt i just before step `arrival_steps[i]`; step until all finish."""
+    """Add prompt i just before step `arrival_steps[i]`; step until all finish.
+
+    With `mid_step`, a prompt due before step n > 0 arrives during step n - 1 instead,
+    between its first two layers, and starts in an urgent step there: how `AsyncEngine`
+    serves a request that arrives while a step is in flight.
+    """
     results: dict[str, Collected] = {}
     pending = sorted(range(len(prompts)), key=lambda i: arrival_steps[i])
     step = 0
-    while pending or engine.has_unfinished:
-        while pending and arrival_steps[pending[0]] <= step:
+
+    def arrive(until_step: int) -> None:
+        while pending and arrival_steps[pending[0]] <= until_step:
             i = pending.pop(0)
             engine.add_request(f"req-{i}", prompt_token_ids=prompts[i], params=params[i])
-        collect(results, engine.step())
+
+    def between_layers() -> None:
+        arrive(step + 1)
+        collect(results, engine.urgent_step())
+
+    while pending or engine.has_unfinished:
+        arrive(step)
+        collect(results, engine.step(between_layers if mid_step else None))
         step += 1
         assert step < max_steps, "engine did not finish"
     return results
 
 
-def record_schedules(engine: LLMEngine) -> list[SchedulerOutput]:
-    """Keep every SchedulerOutput the engine produces from now on."""
+def record_schedules(engine: LLMEngine, urgent: bool = False) -> list[SchedulerOutput]:
+    """Keep every SchedulerOutput the engine produces from now on (of its urgent steps
+    only, with `urgent`)."""
     seen: list[SchedulerOutput] = []
-    schedule = engine.scheduler.schedule
+    name = "schedule_urgent" if urgent else "schedule"
+    schedule = getattr(engine.scheduler, name)
 
-    def recording(now_s: float) -> SchedulerOutput:
-        out = schedule(now_s)
+    def recording(*args: float) -> SchedulerOutput:
+        out = schedule(*args)
         seen.append(out)
         return out
 
-    engine.scheduler.schedule = recording  # type: ignore[method-assign]
+    setattr(engine.scheduler, name, recording)
     return seen

@@ -40,27 +40,40 @@ def references(llama_dir: Path, qwen2_dir: Path) -> dict[str, list[list[int]]]:
     }
 
 
-def check_against_reference(engine: LLMEngine, reference: list[list[int]]) -> None:
+def check_against_reference(
+    engine: LLMEngine, reference: list[list[int]], mid_step: bool = False
+) -> None:
     params, arrivals = staggered_params()
-    results = run_staggered(engine, make_prompts(0), params, arrivals)
+    urgent = record_schedules(engine, urgent=True)
+    results = run_staggered(engine, make_prompts(0), params, arrivals, mid_step=mid_step)
     for i, p in enumerate(params):
         got = results[f"req-{i}"].token_ids
         assert got == reference[i][: p.max_tokens], f"prompt {i} (length {PROMPT_LENGTHS[i]})"
     assert engine.block_manager.num_used_blocks == 0
+    if mid_step:
+        assert any(out.scheduled for out in urgent), "no request started inside a step"
 
 
+@pytest.mark.parametrize("mid_step", [False, True], ids=["between-steps", "mid-step"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_matches_transformers_with_staggered_arrivals(
-    arch: str, request: pytest.FixtureRequest, references: dict[str, list[list[int]]]
+    arch: str,
+    mid_step: bool,
+    request: pytest.FixtureRequest,
+    references: dict[str, list[list[int]]],
 ) -> None:
     model_dir = request.getfixturevalue(f"{arch}_dir")
     engine = LLMEngine(EngineConfig(model=str(model_dir), num_blocks=256))
-    check_against_reference(engine, references[arch])
+    check_against_reference(engine, references[arch], mid_step)
 
 
+@pytest.mark.parametrize("mid_step", [False, True], ids=["between-steps", "mid-step"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_matches_transformers_under_chunked_prefill_and_preemption(
-    arch: str, request: pytest.FixtureRequest, references: dict[str, list[list[int]]]
+    arch: str,
+    mid_step: bool,
+    request: pytest.FixtureRequest,
+    references: dict[str, list[list[int]]],
 ) -> None:
     model_dir = request.getfixturevalue(f"{arch}_dir")
     config = EngineConfig(
@@ -68,7 +81,7 @@ def test_greedy_matches_transformers_under_chunked_prefill_and_preemption(
     )
     engine = LLMEngine(config)
     schedules = record_schedules(engine)
-    check_against_reference(engine, references[arch])
+    check_against_reference(engine, references[arch], mid_step)
     assert engine.stats().num_preemptions > 0, "the cache was meant to run out"
     chunked = [
         s for out in schedules for s in out.scheduled if s.num_new_tokens > 1 and not s.samples

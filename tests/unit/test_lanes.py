@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from engine_driver import collect, record_schedules
 
 from twolane.scheduler.config import EngineConfig
@@ -197,3 +199,64 @@ def test_a_step_that_starts_interactive_requests_carries_no_batch_work() -> None
     # Once it has its first token, batch decodes share the steps again.
     assert len(second.scheduled) == 7
     assert len(engine.scheduler.running) == 7  # nothing was preempted for it
+
+
+def step_with_arrival(engine: LLMEngine, arrive: Callable[[], None]) -> list[list[str]]:
+    """Run one step; `arrive` adds requests between its first two layers, which start in
+    an urgent step there. Returns the ids with output, per urgent step and then the step."""
+    urgent_outputs: list[list[str]] = []
+
+    def between_layers() -> None:
+        if not urgent_outputs:
+            arrive()
+            urgent_outputs.append([out.request_id for out in engine.urgent_step()])
+
+    outputs = engine.step(between_layers)
+    return [*urgent_outputs, [out.request_id for out in outputs]]
+
+
+def test_interactive_arriving_mid_step_gets_its_first_token_before_the_step_ends() -> None:
+    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=256))
+    fill_with_batch(engine, 6)
+    urgent = record_schedules(engine, urgent=True)
+    urgent_ids, step_ids = step_with_arrival(engine, lambda: add_interactive(engine))
+    assert urgent_ids == ["chat"]
+    assert [s.seq.request_id for s in urgent[0].scheduled] == ["chat"]
+    assert "chat" not in step_ids and len(step_ids) == 6  # the batch decodes went on
+    assert engine.stats().num_preemptions == 0
+
+
+def test_an_urgent_step_borrows_a_batch_slot_that_the_next_step_gives_back() -> None:
+    config = EngineConfig(model="builtin", num_blocks=256, max_num_seqs=4, max_batch_share=1.0)
+    engine = LLMEngine(config)
+    fill_with_batch(engine, 6)
+    assert len(engine.scheduler.running) == 4
+    urgent_ids, _ = step_with_arrival(engine, lambda: add_interactive(engine))
+    assert urgent_ids == ["chat"]
+    assert len(engine.scheduler.running) == 5  # the step in flight could not be cut short
+    schedules = record_schedules(engine)
+    engine.step()
+    assert len(engine.scheduler.running) == 4
+    assert [s.request_id for s in schedules[-1].preempted] == ["job-4"]
+    assert "chat" in {s.seq.request_id for s in schedules[-1].scheduled}
+
+
+def test_an_urgent_step_never_preempts_so_a_request_without_free_blocks_waits() -> None:
+    config = EngineConfig(
+        model="builtin",
+        num_blocks=12,
+        block_size=8,
+        reserved_block_fraction=0.0,
+        max_batch_share=1.0,
+    )
+    engine = LLMEngine(config)
+    fill_with_batch(engine, 4, prompt_len=22)  # 3 blocks each: the cache is full
+    urgent = record_schedules(engine, urgent=True)
+    regular = record_schedules(engine)
+    urgent_ids, step_ids = step_with_arrival(engine, lambda: add_interactive(engine))
+    assert urgent_ids == [] and not urgent[0].scheduled and not urgent[0].preempted
+    # The step in flight finished whole.
+    assert step_ids == [s.seq.request_id for s in regular[0].scheduled]
+    # The next regular step makes room the usual way.
+    assert "chat" in scheduled_ids(engine)
+    assert engine.stats().num_preemptions >= 1
