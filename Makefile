@@ -91,5 +91,5 @@ bench-quick: setup ## The benchmark's quick mode: tiny model, fp32, under 2 minu
 	$(BIN)/twolane bench --quick
 
 .PHONY: bench-mixed
-bench-mixed: setup ## Interactive TTFT alone vs beside a 500+ job batch backlog (built-in model)
+bench-mixed: setup ## Interactive TTFT alone vs beside a 500+ job batch backlog (~6 min)
 	$(PY) -m twolane.bench.mixed

@@ -8,8 +8,9 @@ Reports interactive TTFT p50/p99 in both runs and their ratio, the batch lane's
 output tokens/s during the mixed run as a share of the capacity the interactive lane
 leaves, and whether every job completed exactly once.
 
-    make bench-mixed                          # built-in model
-    .venv/bin/python -m twolane.bench.mixed --quick
+    make bench-mixed                                   # wide bench model, ~6 min
+    .venv/bin/python -m twolane.bench.mixed --model builtin --window-s 20
+    .venv/bin/python -m twolane.bench.mixed --model builtin --quick
 """
 
 from __future__ import annotations
@@ -68,13 +69,23 @@ class JobWatch:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="builtin", help="builtin or wide")
+    parser.add_argument(
+        "--model",
+        default="wide",
+        help="wide (default: a step's cost is the model's) or builtin (a tiny model, whose "
+        "steps cost mostly Python, so the lanes contend for the interpreter)",
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--num-blocks", type=int, default=2048)
     parser.add_argument("--load", type=float, default=0.3, help="interactive share of capacity")
     parser.add_argument("--num-jobs", type=int, default=500, help="at least this many jobs")
-    parser.add_argument("--window-s", type=float, default=20.0, help="interactive run length")
+    parser.add_argument(
+        "--window-s",
+        type=float,
+        default=120.0,
+        help="interactive run length (at 30%% load the wide model gets ~170 requests)",
+    )
     parser.add_argument("--prompt-lens", type=LengthRange.parse, default=LengthRange(16, 64))
     parser.add_argument("--output-lens", type=LengthRange.parse, default=LengthRange(32, 64))
     parser.add_argument(
