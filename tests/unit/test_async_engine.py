@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from engine_driver import record_schedules
 
 from twolane.scheduler.async_engine import AsyncEngine
 from twolane.scheduler.config import EngineConfig
 from twolane.scheduler.errors import EngineStoppedError, QueueFullError
-from twolane.scheduler.request import FinishReason, SamplingParams
+from twolane.scheduler.request import FinishReason, Priority, SamplingParams
 
 
 async def wait_for_idle(engine: AsyncEngine) -> None:
@@ -129,3 +130,34 @@ async def test_a_failing_engine_ends_every_stream_with_an_error_and_refuses_new_
     with pytest.raises(EngineStoppedError):
         engine.add_request("after", prompt="x", params=params)
     await engine.shutdown()
+
+
+async def test_interactive_request_beside_batch_work_starts_in_an_urgent_step_of_its_own() -> None:
+    engine = AsyncEngine(EngineConfig(model="builtin", num_blocks=256))
+    await engine.start()
+    try:
+        long_job = SamplingParams(max_tokens=400, ignore_eos=True)
+        jobs = [
+            engine.add_request(
+                f"job-{i}", prompt=f"job {i}", params=long_job, priority=Priority.BULK, stream=False
+            )
+            for i in range(10)
+        ]
+        for _ in range(200):
+            if engine.stats().num_running_batch == 10:
+                break
+            await asyncio.sleep(0.01)
+        urgent = record_schedules(engine.engine, urgent=True)
+        chat = engine.add_request("chat", prompt="hi", params=SamplingParams(max_tokens=4))
+        engine.abort("job-0")  # arrives mid-step too: applied once the step is over
+        tokens = [t async for out in chat for t in out.new_token_ids]
+        assert len(tokens) == 4
+        started = [out for out in urgent if out.scheduled]
+        assert [[s.seq.request_id for s in out.scheduled] for out in started] == [["chat"]]
+        first = [out async for out in jobs[0]]
+        assert first[-1].finish_reason is FinishReason.ABORT
+        for job in jobs[1:]:
+            job.close()
+        await wait_for_idle(engine)
+    finally:
+        await engine.shutdown()
