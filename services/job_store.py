@@ -191,18 +191,32 @@ class JobStore:
         return StoredRecord(job_record_pb2.JobRecord.FromString(entry.value), entry.revision)
 
     async def transition(
-        self, job_id: str, change: Callable[[job_record_pb2.JobRecord], bool]
+        self,
+        job_id: str,
+        change: Callable[[job_record_pb2.JobRecord], bool],
+        just_read: StoredRecord | None = None,
     ) -> tuple[StoredRecord, bool]:
         """Apply `change` to the latest record with a revision check, retrying on races.
 
         `change` edits the record in place and returns False to leave it as it is.
         Returns the record as it now stands and whether `change` was written.
+        `just_read`, a record the caller read a moment ago, saves a round trip: a write
+        from it still checks its revision, and a decision not to write is taken again
+        on a fresh read.
         """
+        candidate = None
+        if just_read is not None:
+            candidate = StoredRecord(job_record_pb2.JobRecord(), just_read.revision)
+            candidate.record.CopyFrom(just_read.record)
         for _ in range(_MAX_UPDATE_TRIES):
-            stored = await self.read(job_id)
+            stored, from_caller, candidate = candidate, candidate is not None, None
+            if stored is None:
+                stored = await self.read(job_id)
             if stored is None:
                 raise NotFoundError(f"no job with id {job_id!r}")
             if not change(stored.record):
+                if from_caller:
+                    continue
                 return stored, False
             try:
                 revision = await self.buckets.jobs.update(

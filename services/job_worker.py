@@ -268,7 +268,7 @@ class JobWorker:
             record.attempts += 1
             return True
 
-        stored, claimed = await self.store.transition(job_id, claim)
+        stored, claimed = await self.store.transition(job_id, claim, just_read=stored)
         if not claimed:
             if stored.record.state in TERMINAL_STATES:
                 await self._settle_finished(msg, stored.record)
@@ -404,9 +404,10 @@ class JobWorker:
         result: generate_pb2.GenerateResponse | None = None,
     ) -> None:
         """Result first, then the state (unless another writer got there), then the event."""
+        just_read = None
         if result is not None:
-            stored = await self.store.read(job_id)
-            if stored is not None and stored.record.state == jobs_pb2.JOB_STATE_CANCELLED:
+            just_read = await self.store.read(job_id)
+            if just_read is not None and just_read.record.state == jobs_pb2.JOB_STATE_CANCELLED:
                 return
             await self.store.write_result(job_id, result)
 
@@ -418,7 +419,7 @@ class JobWorker:
             record.finished_at.CopyFrom(now_timestamp())
             return True
 
-        stored, concluded = await self.store.transition(job_id, conclude)
+        stored, concluded = await self.store.transition(job_id, conclude, just_read)
         if concluded:
             await self.store.publish_event(stored.record)
 
