@@ -3,8 +3,9 @@
 A worker hosts an engine, consumes jobs from JetStream (many workers share the
 consumers) and serves InferenceService on its own port for the gateway. The
 gateway has no model: it keeps the public API, forwards Generate,
-GenerateStream and GetStats to its workers in turn (`--worker HOST:PORT`,
-repeatable) and serves SubmitJob, GetResult and CancelJob from JetStream.
+GenerateStream and GetStats to its workers in turn, skipping unreachable ones
+(`--worker HOST:PORT`, repeatable), and serves SubmitJob, GetResult and
+CancelJob from JetStream.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import structlog
+from google.protobuf.message import Message
 
 from twolane.services import jobs
 from twolane.services.config import DEFAULT_PORT, JobsConfig, ServeConfig, env_default, env_flag
@@ -31,6 +34,7 @@ from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
 log = structlog.get_logger(__name__)
 
 _NO_DEADLINE_S = 365 * 24 * 3600.0
+R = TypeVar("R", bound=Message)
 _NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): split processes share one NATS"
 
 
@@ -98,8 +102,8 @@ class GatewayConfig:
             dest="workers",
             action="append",
             default=[w for w in env_default("TWOLANE_WORKERS", "").split(",") if w],
-            help="a worker's HOST:PORT, repeatable; used round robin "
-            "(env TWOLANE_WORKERS, comma separated)",
+            help="a worker's HOST:PORT, repeatable; used in turn, skipping unreachable "
+            "ones (env TWOLANE_WORKERS, comma separated)",
         )
         add("--log-json", action="store_true", default=env_flag("TWOLANE_LOG_JSON"))
         add("--log-level", choices=LOG_LEVELS, default=env_default("TWOLANE_LOG_LEVEL", "info"))
@@ -168,9 +172,16 @@ async def run_gateway(config: GatewayConfig) -> None:
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """InferenceService without a model: generation on workers, jobs on JetStream."""
+    """InferenceService without a model: generation on workers, jobs on JetStream.
+
+    Calls go to the workers in turn. One that cannot be reached (UNAVAILABLE: down,
+    restarting or draining) is skipped: the call moves on to the next worker, as long
+    as nothing has reached the client yet, and workers whose connection is failing
+    are tried last until they come back.
+    """
 
     def __init__(self, workers: tuple[str, ...], jobs: JobService) -> None:
+        self._workers = workers
         self._channels = [grpc.aio.insecure_channel(worker) for worker in workers]
         self._stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in self._channels]
         self._turn = itertools.count()
@@ -180,47 +191,72 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
         for channel in self._channels:
             await channel.close()
 
-    def _worker(self) -> inference_pb2_grpc.InferenceServiceStub:
+    def _order(self) -> list[int]:
+        """The workers to try for one call: the next in turn first, failing ones last."""
         if not self._stubs:
             raise NotConfiguredError(
                 "this gateway has no workers for generation: start it with --worker HOST:PORT"
             )
-        return self._stubs[next(self._turn) % len(self._stubs)]
+        start = next(self._turn)
+        order = [(start + i) % len(self._stubs) for i in range(len(self._stubs))]
+        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        return sorted(order, key=lambda i: self._channels[i].get_state(True) == failing)
+
+    def _skip(self, err: grpc.aio.AioRpcError, worker: int, is_last: bool) -> bool:
+        """Whether to try the next worker after `err` (nothing reached the client yet)."""
+        if is_last or err.code() is not grpc.StatusCode.UNAVAILABLE:
+            return False
+        log.warning("worker unavailable", worker=self._workers[worker], error=err.details())
+        return True
+
+    async def _unary(
+        self,
+        method: Callable[[inference_pb2_grpc.InferenceServiceStub], Callable[..., Awaitable[R]]],
+        request: Message,
+        context: grpc.aio.ServicerContext,
+    ) -> R:
+        order = self._order()
+        for n, worker in enumerate(order):
+            try:
+                return await method(self._stubs[worker])(request, timeout=_timeout_s(context))
+            except grpc.aio.AioRpcError as err:
+                if not self._skip(err, worker, n == len(order) - 1):
+                    await _relay(context, err)
+                    raise
+        raise AssertionError("unreachable: the last worker's error is relayed")
 
     @grpc_errors
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GenerateResponse:
-        stub = self._worker()
-        try:
-            return await stub.Generate(request, timeout=_timeout_s(context))
-        except grpc.aio.AioRpcError as err:
-            await _relay(context, err)
-            raise
+        return await self._unary(lambda stub: stub.Generate, request, context)
 
     @grpc_errors
     async def GenerateStream(
         self, request: generate_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
-        call = self._worker().GenerateStream(request, timeout=_timeout_s(context))
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as err:
-            await _relay(context, err)
-        finally:
-            # A client that left early stops the worker's request too.
-            call.cancel()
+        order = self._order()
+        for n, worker in enumerate(order):
+            call = self._stubs[worker].GenerateStream(request, timeout=_timeout_s(context))
+            relayed_any = False
+            try:
+                async for chunk in call:
+                    relayed_any = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as err:
+                if relayed_any or not self._skip(err, worker, n == len(order) - 1):
+                    await _relay(context, err)
+                    return
+            finally:
+                # A client that left early stops the worker's request too.
+                call.cancel()
 
     @grpc_errors
     async def GetStats(
         self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetStatsResponse:
-        try:
-            return await self._worker().GetStats(request, timeout=_timeout_s(context))
-        except grpc.aio.AioRpcError as err:
-            await _relay(context, err)
-            raise
+        return await self._unary(lambda stub: stub.GetStats, request, context)
 
     @grpc_errors
     async def SubmitJob(

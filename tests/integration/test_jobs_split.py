@@ -13,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from twolane.v1 import generate_pb2, inference_pb2_grpc, job_record_pb2, jobs_pb2
+from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, job_record_pb2, jobs_pb2
 
 from .nats_fixtures import (
     EventRecorder,
@@ -151,6 +151,54 @@ async def test_the_gateway_forwards_generation_to_a_worker(
     bad_request = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad_request)
     assert bad_request.field_violations[0].field == "prompt_token_ids"
+
+
+async def test_the_gateway_skips_a_worker_it_cannot_reach(
+    nats_server: NatsServer, workers: Workers
+) -> None:
+    workers.ensure_started()
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    nats_args = ("--nats-url", nats_server.url)
+    gateway = start_process(
+        "gateway", "--port", "0", *nats_args, "--worker", dead, "--worker", workers.address
+    )
+    params = generate_pb2.SamplingParams(max_tokens=4, ignore_eos=True)
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            # Four rounds: the dead worker is first in turn at least twice for each method.
+            for i in range(4):
+                response = await stub.Generate(
+                    generate_pb2.GenerateRequest(prompt=f"p{i}", params=params)
+                )
+                assert len(response.token_ids) == 4
+                stream = stub.GenerateStream(
+                    generate_pb2.GenerateStreamRequest(prompt=f"p{i}", params=params)
+                )
+                streamed = [t async for chunk in stream for t in chunk.token_ids]
+                assert streamed == list(response.token_ids)
+                stats = await stub.GetStats(inference_pb2.GetStatsRequest())
+                assert stats.num_total_blocks > 0
+    finally:
+        gateway.stop()
+    assert "worker unavailable" in gateway.log_text()
+
+    # With no worker reachable, the client gets the worker's UNAVAILABLE.
+    gateway = start_process("gateway", "--port", "0", *nats_args, "--worker", dead)
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Generate(generate_pb2.GenerateRequest(prompt="p", params=params))
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            stream = stub.GenerateStream(
+                generate_pb2.GenerateStreamRequest(prompt="p", params=params)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                _ = [chunk async for chunk in stream]
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        gateway.stop()
 
 
 async def test_a_job_the_model_cannot_run_fails_at_once_without_retries(
