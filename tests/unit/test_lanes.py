@@ -31,6 +31,19 @@ def add_interactive(engine: LLMEngine) -> None:
     )
 
 
+def engine_with_a_full_cache() -> LLMEngine:
+    config = EngineConfig(
+        model="builtin",
+        num_blocks=12,
+        block_size=8,
+        reserved_block_fraction=0.0,
+        max_batch_share=1.0,
+    )
+    engine = LLMEngine(config)
+    fill_with_batch(engine, 4, prompt_len=22)  # 3 blocks each: the cache is full
+    return engine
+
+
 def scheduled_ids(engine: LLMEngine) -> set[str]:
     schedules = record_schedules(engine)
     engine.step()
@@ -52,15 +65,7 @@ def test_interactive_takes_a_slot_from_batch_in_the_next_step() -> None:
 
 
 def test_interactive_takes_blocks_from_batch_in_the_next_step() -> None:
-    config = EngineConfig(
-        model="builtin",
-        num_blocks=12,
-        block_size=8,
-        reserved_block_fraction=0.0,
-        max_batch_share=1.0,
-    )
-    engine = LLMEngine(config)
-    fill_with_batch(engine, 4, prompt_len=22)  # 3 blocks each: the cache is full
+    engine = engine_with_a_full_cache()
     assert engine.block_manager.num_free_blocks == 0
     add_interactive(engine)
     assert "chat" in scheduled_ids(engine)
@@ -242,15 +247,7 @@ def test_an_urgent_step_borrows_a_batch_slot_that_the_next_step_gives_back() -> 
 
 
 def test_an_urgent_step_never_preempts_so_a_request_without_free_blocks_waits() -> None:
-    config = EngineConfig(
-        model="builtin",
-        num_blocks=12,
-        block_size=8,
-        reserved_block_fraction=0.0,
-        max_batch_share=1.0,
-    )
-    engine = LLMEngine(config)
-    fill_with_batch(engine, 4, prompt_len=22)  # 3 blocks each: the cache is full
+    engine = engine_with_a_full_cache()
     urgent = record_schedules(engine, urgent=True)
     regular = record_schedules(engine)
     urgent_ids, step_ids = step_with_arrival(engine, lambda: add_interactive(engine))
