@@ -283,7 +283,7 @@ class ServeConfig:
                 "interactive_ttft_target_s",
                 float,
                 "0.5",
-                "interactive first-token target; batch prefill per step is sized to it",
+                "interactive first-token target; batch work per step keeps steps within half",
             ),
             ("threads", int, "0", "torch threads for the engine; 0: one per core"),
             ("metrics_port", int, "-1", "Prometheus metrics port; -1 off, 0 a free port"),
