@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from twolane.scheduler.engine import LLMEngine
-from twolane.scheduler.request import FinishReason, RequestOutput, SamplingParams
+from twolane.scheduler.request import FinishReason, Priority, RequestOutput, SamplingParams
 from twolane.scheduler.scheduler import SchedulerOutput
 
 
@@ -37,12 +37,14 @@ def run_staggered(
     arrival_steps: list[int],
     max_steps: int = 10_000,
     mid_step: bool = False,
+    priorities: list[Priority] | None = None,
 ) -> dict[str, Collected]:
     """Add prompt i just before step `arrival_steps[i]`; step until all finish.
 
     With `mid_step`, a prompt due before step n > 0 arrives during step n - 1 instead,
-    between its first two layers, and starts in an urgent step there: how `AsyncEngine`
-    serves a request that arrives while a step is in flight.
+    between its first two layers, and may start in an urgent step there: how
+    `AsyncEngine` serves a request that arrives while a step is in flight. Requests are
+    interactive unless `priorities` says otherwise.
     """
     results: dict[str, Collected] = {}
     pending = sorted(range(len(prompts)), key=lambda i: arrival_steps[i])
@@ -51,7 +53,10 @@ def run_staggered(
     def arrive(until_step: int) -> None:
         while pending and arrival_steps[pending[0]] <= until_step:
             i = pending.pop(0)
-            engine.add_request(f"req-{i}", prompt_token_ids=prompts[i], params=params[i])
+            priority = priorities[i] if priorities else Priority.INTERACTIVE
+            engine.add_request(
+                f"req-{i}", prompt_token_ids=prompts[i], params=params[i], priority=priority
+            )
 
     def between_layers() -> None:
         arrive(step + 1)

@@ -11,7 +11,7 @@ from engine_driver import record_schedules, run_staggered
 
 from twolane.scheduler.config import EngineConfig
 from twolane.scheduler.engine import LLMEngine
-from twolane.scheduler.request import SamplingParams
+from twolane.scheduler.request import Priority, SamplingParams
 
 PROMPT_LENGTHS = [1, 2, 3, 5, 7, 8, 9, 13, 16, 17, 24, 31, 33, 40, 47, 64, 70, 4]
 MAX_NEW_TOKENS = 14
@@ -45,7 +45,15 @@ def check_against_reference(
 ) -> None:
     params, arrivals = staggered_params()
     urgent = record_schedules(engine, urgent=True)
-    results = run_staggered(engine, make_prompts(0), params, arrivals, mid_step=mid_step)
+    lanes = [Priority.INTERACTIVE] * len(params)
+    if mid_step:
+        # Urgent steps start interactive requests beside batch work only: a third of the
+        # requests are batch jobs there from the start, the rest arrive mid-step later.
+        lanes = [Priority.BULK if i % 3 == 0 else Priority.INTERACTIVE for i in range(len(params))]
+        arrivals = [0 if lane.is_batch else a + 1 for a, lane in zip(arrivals, lanes, strict=True)]
+    results = run_staggered(
+        engine, make_prompts(0), params, arrivals, mid_step=mid_step, priorities=lanes
+    )
     for i, p in enumerate(params):
         got = results[f"req-{i}"].token_ids
         assert got == reference[i][: p.max_tokens], f"prompt {i} (length {PROMPT_LENGTHS[i]})"
