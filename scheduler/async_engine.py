@@ -3,8 +3,7 @@
 Forward passes run on the engine thread, so the event loop stays free for I/O.
 Callers talk to the thread through an inbox of commands; outputs come back with
 one `call_soon_threadsafe` per step. The thread also checks the inbox between the
-layers of a step, so a new interactive request beside batch work starts at once in an
-urgent step.
+layers of a step, so a new interactive request starts in an urgent step at once.
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ class EngineConfig:
             interactive request finds a free slot.
         interactive_ttft_target_s: the first-token latency the interactive lane aims for.
             While interactive work is around, batch tokens per step are adapted so a step
-            lasts at most half of it. A request arriving mid-step beside batch work usually
-            starts at the next layer boundary in an urgent step; one that cannot (no free
-            block or slot) waits at most that long, and running interactive sequences wait
-            at most that long for each token.
+            lasts at most half of it. A request arriving mid-step usually starts at the next
+            layer boundary in an urgent step; one that cannot (no free block or slot) waits
+            at most that long, and running interactive sequences wait at most that long
+            for each token.
     """
 
     model: str = "builtin"

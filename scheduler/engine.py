@@ -227,9 +227,8 @@ class LLMEngine:
         """Prefill waiting interactive requests in a step of their own, from inside the
         forward pass of a step in flight (see `step`), so they need not wait for its end.
 
-        Only while batch work runs, and only with free blocks and slots (see
-        `Scheduler.schedule_urgent`): a request that needs batch work preempted waits for
-        the next regular step.
+        Only free blocks and slots are used (see `Scheduler.schedule_urgent`): a request
+        that needs batch work preempted waits for the next regular step.
         """
         sched = self.scheduler.schedule_urgent()
         if not sched.scheduled:

@@ -14,10 +14,9 @@ work also keeps out of a block reserve, leaves some sequence slots free, and, wh
 interactive work is around, takes only as many tokens per step as keep steps
 within half the interactive first-token target (adapted from measured steps).
 
-An interactive request that arrives while a step with batch work is in flight need
-not wait for it: between two layers the engine may run an urgent step
-(`schedule_urgent`) that prefills waiting interactive requests alone, using only free
-blocks and slots.
+A request that arrives while a step is in flight need not wait for it: between two
+layers the engine may run an urgent step (`schedule_urgent`) that prefills waiting
+interactive requests alone, using only free blocks and slots.
 """
 
 from __future__ import annotations
@@ -152,16 +151,11 @@ class Scheduler:
     def schedule_urgent(self) -> SchedulerOutput:
         """A step of waiting interactive requests alone, to run while another step is in flight.
 
-        Only while batch sequences run: the point is never to wait behind batch work.
-        With interactive work alone a new request joins the next step, as in plain
-        continuous batching, rather than hold up every running stream's next token.
         Every running sequence may belong to the step in flight, so nothing is preempted
         and only free blocks are used. A new request may take a slot past `max_num_seqs`
         while batch sequences hold slots; the next `schedule` gives those back.
         """
         out = SchedulerOutput()
-        if not any(s.priority.is_batch for s in self.running):
-            return out
         step = _Step(out, budget=self.max_num_batched_tokens, batch_budget=0, queue=[])
         self._admit_waiting(step, batch=False, urgent=True)
         return out

@@ -47,8 +47,8 @@ def check_against_reference(
     urgent = record_schedules(engine, urgent=True)
     lanes = [Priority.INTERACTIVE] * len(params)
     if mid_step:
-        # Urgent steps start interactive requests beside batch work only: a third of the
-        # requests are batch jobs there from the start, the rest arrive mid-step later.
+        # A third are batch jobs from the start and the rest arrive mid-step later, so the
+        # urgent steps that start them run beside batch work (and its preemption).
         lanes = [Priority.BULK if i % 3 == 0 else Priority.INTERACTIVE for i in range(len(params))]
         arrivals = [0 if lane.is_batch else a + 1 for a, lane in zip(arrivals, lanes, strict=True)]
     results = run_staggered(
