@@ -2,15 +2,16 @@
 
 A worker hosts an engine, consumes jobs from JetStream (many workers share the
 consumers) and serves InferenceService on its own port for the gateway. The
-gateway has no model: it keeps the public API, forwards Generate,
-GenerateStream and GetStats to its workers in turn, skipping unreachable ones
-(`--worker HOST:PORT`, repeatable), and serves SubmitJob, GetResult and
+gateway has no model: it keeps the public API, forwards Generate and
+GenerateStream to its workers in turn, skipping unreachable ones (`--worker
+HOST:PORT`, repeatable), sums their GetStats, and serves SubmitJob, GetResult and
 CancelJob from JetStream.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -191,12 +192,15 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
         for channel in self._channels:
             await channel.close()
 
-    def _order(self) -> list[int]:
-        """The workers to try for one call: the next in turn first, failing ones last."""
+    def _require_workers(self) -> None:
         if not self._stubs:
             raise NotConfiguredError(
                 "this gateway has no workers for generation: start it with --worker HOST:PORT"
             )
+
+    def _order(self) -> list[int]:
+        """The workers to try for one call: the next in turn first, failing ones last."""
+        self._require_workers()
         start = next(self._turn)
         order = [(start + i) % len(self._stubs) for i in range(len(self._stubs))]
         failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
@@ -256,7 +260,29 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetStats(
         self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetStatsResponse:
-        return await self._unary(lambda stub: stub.GetStats, request, context)
+        """Every reachable worker's counters, summed; the prefix cache hit rate is their
+        mean (the workers do not report how many tokens each rate covers)."""
+        self._require_workers()
+        replies = await asyncio.gather(
+            *(stub.GetStats(request, timeout=_timeout_s(context)) for stub in self._stubs),
+            return_exceptions=True,
+        )
+        stats = [r for r in replies if isinstance(r, inference_pb2.GetStatsResponse)]
+        if not stats:
+            for reply in replies:
+                if isinstance(reply, grpc.aio.AioRpcError):
+                    await _relay(context, reply)
+                raise reply
+        total = inference_pb2.GetStatsResponse()
+        for worker in stats:
+            total.num_running += worker.num_running
+            total.num_waiting += worker.num_waiting
+            total.num_free_blocks += worker.num_free_blocks
+            total.num_used_blocks += worker.num_used_blocks
+            total.num_total_blocks += worker.num_total_blocks
+            total.num_preemptions += worker.num_preemptions
+        total.prefix_cache_hit_rate = sum(w.prefix_cache_hit_rate for w in stats) / len(stats)
+        return total
 
     @grpc_errors
     async def SubmitJob(

@@ -153,32 +153,37 @@ async def test_the_gateway_forwards_generation_to_a_worker(
     assert bad_request.field_violations[0].field == "prompt_token_ids"
 
 
-async def test_the_gateway_skips_a_worker_it_cannot_reach(
+async def test_the_gateway_skips_a_worker_it_cannot_reach_and_sums_stats(
     nats_server: NatsServer, workers: Workers
 ) -> None:
     workers.ensure_started()
+    async with grpc.aio.insecure_channel(workers.address) as channel:
+        direct = await inference_pb2_grpc.InferenceServiceStub(channel).GetStats(
+            inference_pb2.GetStatsRequest()
+        )
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     nats_args = ("--nats-url", nats_server.url)
-    gateway = start_process(
-        "gateway", "--port", "0", *nats_args, "--worker", dead, "--worker", workers.address
-    )
+    # The live worker twice: its stats must count twice, the dead one's not at all.
+    worker_args = ("--worker", dead, "--worker", workers.address, "--worker", workers.address)
+    gateway = start_process("gateway", "--port", "0", *nats_args, *worker_args)
     params = generate_pb2.SamplingParams(max_tokens=4, ignore_eos=True)
     try:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            # Four rounds: the dead worker is first in turn at least twice for each method.
+            # Four rounds of two calls over three workers: the dead one is first in turn
+            # for a Generate and for a GenerateStream.
             for i in range(4):
-                response = await stub.Generate(
-                    generate_pb2.GenerateRequest(prompt=f"p{i}", params=params)
-                )
+                request = generate_pb2.GenerateRequest(prompt=f"p{i}", params=params)
+                response = await stub.Generate(request)
                 assert len(response.token_ids) == 4
                 stream = stub.GenerateStream(
                     generate_pb2.GenerateStreamRequest(prompt=f"p{i}", params=params)
                 )
                 streamed = [t async for chunk in stream for t in chunk.token_ids]
                 assert streamed == list(response.token_ids)
-                stats = await stub.GetStats(inference_pb2.GetStatsRequest())
-                assert stats.num_total_blocks > 0
+            stats = await stub.GetStats(inference_pb2.GetStatsRequest())
+            assert stats.num_total_blocks == 2 * direct.num_total_blocks > 0
+            assert stats.num_free_blocks + stats.num_used_blocks == stats.num_total_blocks
     finally:
         gateway.stop()
     assert "worker unavailable" in gateway.log_text()
@@ -188,14 +193,18 @@ async def test_the_gateway_skips_a_worker_it_cannot_reach(
     try:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            request = generate_pb2.GenerateRequest(prompt="p", params=params)
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Generate(generate_pb2.GenerateRequest(prompt="p", params=params))
+                await stub.Generate(request)
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
             stream = stub.GenerateStream(
                 generate_pb2.GenerateStreamRequest(prompt="p", params=params)
             )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 _ = [chunk async for chunk in stream]
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetStats(inference_pb2.GetStatsRequest())
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         gateway.stop()
