@@ -233,6 +233,7 @@ class LLMEngine:
         sched = self.scheduler.schedule_urgent()
         if not sched.scheduled:
             return []
+        self.metrics.urgent_starts.inc(len(sched.scheduled))
         started = time.perf_counter()
         outputs = self._execute(sched.scheduled, time.monotonic(), None, regular=False)
         self._urgent_s += time.perf_counter() - started

@@ -52,6 +52,11 @@ class EngineMetrics:
         self.preemptions = Counter(
             "twolane_preemptions", "Sequences preempted for recompute.", ["lane"], registry=r
         )
+        self.urgent_starts = Counter(
+            "twolane_urgent_starts",
+            "Interactive requests prefilled in an urgent step of their own, not a regular step.",
+            registry=r,
+        )
         self.running = Gauge("twolane_running", "Running sequences.", ["lane"], registry=r)
         self.waiting = Gauge("twolane_waiting", "Waiting sequences.", ["lane"], registry=r)
         self.free_blocks = Gauge("twolane_kv_free_blocks", "Free KV blocks.", registry=r)

@@ -32,7 +32,8 @@ def scrape(server: ServerProcess) -> str:
 
 def sample(text: str, name: str, **labels: str) -> float:
     label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.compile(rf"^{re.escape(name)}\{{{re.escape(label_text)}\}} (\S+)$", re.MULTILINE)
+    braces = rf"\{{{re.escape(label_text)}\}}" if labels else ""
+    pattern = re.compile(rf"^{re.escape(name)}{braces} (\S+)$", re.MULTILINE)
     match = pattern.search(text)
     assert match, f"{name}{{{label_text}}} not exported"
     return float(match.group(1))
@@ -56,3 +57,6 @@ async def test_interactive_requests_show_up_in_the_lane_metrics(
     assert sample(text, "twolane_time_to_first_token_seconds_count", lane="interactive") >= 2
     assert sample(text, "twolane_running", lane="batch") == 0
     assert "twolane_kv_free_blocks" in text
+    # Each arrived at an idle engine, which starts new interactive requests in a step of
+    # their own before the next regular one.
+    assert sample(text, "twolane_urgent_starts_total") == 2
