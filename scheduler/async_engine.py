@@ -223,7 +223,7 @@ class AsyncEngine:
                 continue
             # Requests that arrived during the last step's final layers start on their own
             # before the next regular step (which would carry the lane's running decodes).
-            self._deliver(self.engine.urgent_step())
+            self._run_urgent_step([])
             outputs = self.engine.step(self._between_layers)
             self._publish_stats()
             self._deliver(outputs)
@@ -244,8 +244,16 @@ class AsyncEngine:
             else:
                 # An abort frees blocks the step in flight may still write: apply it after.
                 self._deferred.append(cmd)
-        outputs.extend(self.engine.urgent_step())
-        self._deliver(outputs)
+        self._run_urgent_step(outputs)
+
+    def _run_urgent_step(self, outputs: list[RequestOutput]) -> None:
+        """Run an urgent step and deliver its outputs after `outputs`."""
+        urgent = self.engine.urgent_step()
+        if urgent:
+            # Stats first, as after every step: whoever has seen a request's token sees
+            # the request in the stats.
+            self._publish_stats()
+        self._deliver(outputs + urgent)
 
     def _drain_inbox(self) -> bool:
         """Apply queued commands; False once shutdown was requested."""
