@@ -12,9 +12,9 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import nats
@@ -28,6 +28,9 @@ from twolane.services.client import describe_error
 from twolane.services.config import DEFAULT_PORT, default_data_dir, env_default
 from twolane.services.nats_embedded import read_url_file
 from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
+
+R = TypeVar("R")
+RPC_TIMEOUT_S = 30.0
 
 TIERS = {
     "urgent": jobs_pb2.JOB_TIER_URGENT,
@@ -124,39 +127,41 @@ def submit_main(args: argparse.Namespace) -> int:
     )
     if args.deadline is not None:
         request.deadline.FromNanoseconds(time.time_ns() + int(args.deadline * 1e9))
-    with grpc.insecure_channel(args.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        try:
-            response = stub.SubmitJob(request, timeout=30)
-        except grpc.RpcError as err:
-            print(describe_error(err), file=sys.stderr)
-            return 1
+    response = _call_once(args.target, lambda stub: stub.SubmitJob(request, timeout=RPC_TIMEOUT_S))
+    if response is None:
+        return 1
     print(response.job_id)
     return 0
 
 
 def result_main(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        try:
-            response = stub.GetResult(jobs_pb2.GetResultRequest(job_id=args.job_id), timeout=30)
-        except grpc.RpcError as err:
-            print(describe_error(err), file=sys.stderr)
-            return 1
+    request = jobs_pb2.GetResultRequest(job_id=args.job_id)
+    response = _call_once(args.target, lambda stub: stub.GetResult(request, timeout=RPC_TIMEOUT_S))
+    if response is None:
+        return 1
     print(_to_json(response))
     return 0
 
 
 def cancel_main(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        try:
-            response = stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=args.job_id), timeout=30)
-        except grpc.RpcError as err:
-            print(describe_error(err), file=sys.stderr)
-            return 1
+    request = jobs_pb2.CancelJobRequest(job_id=args.job_id)
+    response = _call_once(args.target, lambda stub: stub.CancelJob(request, timeout=RPC_TIMEOUT_S))
+    if response is None:
+        return 1
     print(_to_json(response))
     return 0
+
+
+def _call_once(
+    target: str, call: Callable[[inference_pb2_grpc.InferenceServiceStub], R]
+) -> R | None:
+    """One RPC on a channel of its own; on failure, say why on stderr and return None."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return call(inference_pb2_grpc.InferenceServiceStub(channel))
+        except grpc.RpcError as err:
+            print(describe_error(err), file=sys.stderr)
+            return None
 
 
 def _to_json(message: Any) -> str:
