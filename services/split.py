@@ -14,13 +14,11 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import grpc
 import structlog
-from google.protobuf.message import Message
 
 from twolane.services import jobs
 from twolane.services.config import DEFAULT_PORT, JobsConfig, ServeConfig, env_default, env_flag
@@ -35,7 +33,6 @@ from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
 log = structlog.get_logger(__name__)
 
 _NO_DEADLINE_S = 365 * 24 * 3600.0
-R = TypeVar("R", bound=Message)
 _NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): split processes share one NATS"
 
 
@@ -213,27 +210,19 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
         log.warning("worker unavailable", worker=self._workers[worker], error=err.details())
         return True
 
-    async def _unary(
-        self,
-        method: Callable[[inference_pb2_grpc.InferenceServiceStub], Callable[..., Awaitable[R]]],
-        request: Message,
-        context: grpc.aio.ServicerContext,
-    ) -> R:
+    @grpc_errors
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.GenerateResponse:
         order = self._order()
         for n, worker in enumerate(order):
             try:
-                return await method(self._stubs[worker])(request, timeout=_timeout_s(context))
+                return await self._stubs[worker].Generate(request, timeout=_timeout_s(context))
             except grpc.aio.AioRpcError as err:
                 if not self._skip(err, worker, n == len(order) - 1):
                     await _relay(context, err)
                     raise
         raise AssertionError("unreachable: the last worker's error is relayed")
-
-    @grpc_errors
-    async def Generate(
-        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> generate_pb2.GenerateResponse:
-        return await self._unary(lambda stub: stub.Generate, request, context)
 
     @grpc_errors
     async def GenerateStream(
