@@ -34,6 +34,8 @@ from twolane.models.gguf_tokenizer import build_tokenizer, tokenizer_config
 FORMAT_VERSION = 1
 HASH_CHUNK_BYTES = 1 << 20
 GGUF_MAGIC = b"GGUF"
+GGUF_PREFIX_BYTES = 8  # the magic, then the format version (little-endian u32)
+SUPPORTED_GGUF_VERSIONS = (2, 3)
 
 SUPPORTED_TENSOR_TYPES = frozenset(
     {
@@ -71,11 +73,12 @@ GLOBAL_TENSORS = {
 ROPE_FREQS_TENSOR = "rope_freqs.weight"
 
 
-def convert_gguf(path: Path) -> Path:
+def convert_gguf(path: Path, cache_dir: Path | None = None) -> Path:
     """Return a Hugging Face checkpoint directory for the GGUF file at `path`.
 
-    The first call for a file converts it (a progress bar over tensors); later calls find
-    the directory by the file's content hash and return at once.
+    The first call for a file converts it (a progress bar over tensors) into `cache_dir`
+    (default: the cache dir, `cache_root()`); later calls find the directory by the file's
+    content hash and return at once.
 
     Raises:
         GGUFError: the file is missing, unreadable, truncated, or holds an unsupported
@@ -83,7 +86,7 @@ def convert_gguf(path: Path) -> Path:
         UnsupportedModelError: the model it describes is not one the engine can run.
     """
     digest = file_sha256(path)
-    target = cache_root() / f"gguf-v{FORMAT_VERSION}-{digest[:32]}"
+    target = (cache_dir or cache_root()) / f"gguf-v{FORMAT_VERSION}-{digest[:32]}"
     return cached_checkpoint(target, lambda model_dir: write_hf_checkpoint(path, model_dir))
 
 
@@ -121,19 +124,26 @@ def open_gguf(path: Path) -> GGUFReader:
     """Open a GGUF file, turning whatever the parser trips on into one clean `GGUFError`."""
     try:
         with path.open("rb") as f:
-            magic = f.read(len(GGUF_MAGIC))
+            start = f.read(GGUF_PREFIX_BYTES)
+        size_bytes = path.stat().st_size
     except OSError as e:
         raise GGUFError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
-    if not magic:
+    if not start:
         raise GGUFError(f"{path} is empty, not a GGUF file")
-    if magic != GGUF_MAGIC:
+    if not start.startswith(GGUF_MAGIC):
         raise GGUFError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    if len(start) == GGUF_PREFIX_BYTES:
+        version = int.from_bytes(start[len(GGUF_MAGIC) :], "little")
+        if version not in SUPPORTED_GGUF_VERSIONS:
+            raise GGUFError(f"{path} is GGUF version {version}; supported: 2, 3")
     try:
         return GGUFReader(path)
     # The reader parses untrusted bytes and fails in many ways (a short read shows up as a
     # reshape or index error deep in numpy); for the caller they all mean a broken file.
     except Exception as e:
-        raise GGUFError(f"{path} is truncated or corrupt: {_one_line(e)}") from None
+        raise GGUFError(
+            f"{path} is truncated or corrupt: the GGUF reader failed on its {size_bytes} bytes"
+        ) from e
 
 
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:

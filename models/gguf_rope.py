@@ -39,10 +39,10 @@ def llama3_scaling_from_factors(
     factor = float(factors.max())
     if math.isclose(factor, 1.0, rel_tol=MATCH_RTOL):
         return None
-    params = _fit(factors, inv_freq, factor) or _defaults(factor)
-    if not np.allclose(llama3_factors(inv_freq, **params), factors, rtol=MATCH_RTOL):
-        raise GGUFError("rope_freqs.weight does not match any Llama 3 RoPE scaling")
-    return {"rope_type": "llama3", **params}
+    for params in [*_fit(factors, inv_freq, factor), _defaults(factor)]:
+        if np.allclose(llama3_factors(inv_freq, **params), factors, rtol=MATCH_RTOL):
+            return {"rope_type": "llama3", **params}
+    raise GGUFError("rope_freqs.weight does not match any Llama 3 RoPE scaling")
 
 
 def llama3_factors(
@@ -62,28 +62,32 @@ def llama3_factors(
     return np.where(wavelen < old_len / high_freq_factor, 1.0, out)
 
 
-def _fit(factors: np.ndarray, inv_freq: np.ndarray, factor: float) -> dict[str, Any] | None:
-    """Fit the in-band divisors; None when fewer than two frequencies are in the band.
+def _fit(factors: np.ndarray, inv_freq: np.ndarray, factor: float) -> list[dict[str, Any]]:
+    """Parameters fitted to the in-band divisors (none when fewer than two are in the band).
 
     In the band, smooth = (L / wavelen - lo) / (hi - lo) is linear in 1 / wavelen, so two
     points fix its slope and intercept; those two numbers determine every divisor, and any
-    (lo, hi, L) that gives them is equivalent. We take lo = 1, as Llama 3 does.
+    (lo, hi, L) that gives them is equivalent. We take lo = 1, as Llama 3 does. The fit
+    carries fp32 noise (8.000001), so a rounded `hi` is offered first.
     """
     in_band = (factors > 1 + MATCH_RTOL) & (factors < factor * (1 - MATCH_RTOL))
     if in_band.sum() < 2:
-        return None
+        return []
     smooth = (1 / factors[in_band] - 1 / factor) / (1 - 1 / factor)
     slope, intercept = np.polyfit(inv_freq[in_band] / (2 * math.pi), smooth, 1)
     if intercept >= 0:
-        return None
+        return []
     low = DEFAULT_LOW_FREQ_FACTOR
-    high = low - low / intercept
-    return {
-        "factor": factor,
-        "low_freq_factor": low,
-        "high_freq_factor": round(float(high), 6),
-        "original_max_position_embeddings": round(float(slope * (high - low))),
-    }
+    high = float(low - low / intercept)
+    return [
+        {
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": candidate,
+            "original_max_position_embeddings": round(float(slope) * (candidate - low)),
+        }
+        for candidate in (round(high, 3), high)
+    ]
 
 
 def _defaults(factor: float) -> dict[str, Any]:
