@@ -8,7 +8,6 @@ to run, instead of skipping it.
 from __future__ import annotations
 
 import atexit
-import copy
 import functools
 import shutil
 import tempfile
@@ -55,13 +54,17 @@ def smollm2_dir() -> Path:
 
 @functools.cache
 def hf_smollm2_model() -> Any:
-    """transformers' own load of the GGUF file (its dequantizers and q/k un-permute), fp32."""
+    """transformers' own load of the GGUF file (its dequantizers and q/k un-permute), fp32,
+    set never to stop on EOS."""
     from transformers import AutoModelForCausalLM
 
     path = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
+    # Plain greedy over the whole vocabulary: no EOS stop and no EOS suppression, which is
+    # what the engine does with ignore_eos.
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
@@ -77,17 +80,12 @@ def hf_smollm2_tokenizer() -> Any:
 def hf_smollm2_greedy(prompts: list[list[int]], max_new_tokens: int) -> list[GreedyRun]:
     """Greedy tokens from transformers' SmolLM2, one prompt at a time, EOS ignored."""
     model = hf_smollm2_model()
-    # Plain greedy over the whole vocabulary: no EOS stop and no EOS suppression, which is
-    # what the engine does with ignore_eos.
-    config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None
     runs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
         with torch.inference_mode():
             out = model.generate(
                 ids,
-                generation_config=config,
                 attention_mask=torch.ones_like(ids),
                 do_sample=False,
                 max_new_tokens=max_new_tokens,

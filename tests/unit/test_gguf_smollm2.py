@@ -79,3 +79,20 @@ def test_converted_directory_holds_a_plain_hugging_face_checkpoint() -> None:
     assert tokenizer_config["eos_token"] == "<|im_end|>"
     assert tokenizer_config["add_bos_token"] is False
     assert "<|im_start|>" in tokenizer_config["chat_template"]
+
+
+def test_referee_greedy_tokens_come_with_their_margins() -> None:
+    from smollm2 import hf_smollm2_greedy
+
+    from twolane.models.chat import ChatTemplate
+    from twolane.models.tokenizer import Tokenizer
+
+    template = ChatTemplate.from_dir(smollm2_dir())
+    tokenizer = Tokenizer.from_dir(smollm2_dir())
+    assert template is not None
+    prompt = template.render([("user", "What is the capital of France?")])
+    (run,) = hf_smollm2_greedy([tokenizer.encode(prompt, add_special_tokens=False)], 8)
+    assert len(run.token_ids) == len(run.margins) == 8
+    assert all(margin >= 0 for margin in run.margins)
+    assert tokenizer.decode(run.token_ids).startswith("The capital of France is Paris.")
+    assert run.token_ids[7] == 2  # <|im_end|>: EOS is chosen but does not stop the referee
