@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, Union
+from typing import Any, NoReturn
 
 import jinja2
 from jinja2.ext import loopcontrols
@@ -29,7 +29,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from twolane.models.errors import CheckpointError
 
 # A message is (role, content) or a mapping with at least "role" and "content".
-Message = Union[tuple[str, str], Mapping[str, Any]]  # noqa: UP007 - an alias, evaluated at runtime
+Message = tuple[str, str] | Mapping[str, Any]
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Stands in for an assistant reply, to find what the template writes after one.
 PROBE_TEXT = "twolane-probe-reply"

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from twolane.models.builtin import cache_root, cached_checkpoint
-from twolane.models.config import ModelConfig
+from twolane.models.config import ModelConfig, UnsupportedModelError
 from twolane.models.errors import GGUFError
 from twolane.models.gguf_rope import llama3_scaling_from_factors
 from twolane.models.gguf_tokenizer import build_tokenizer, tokenizer_config
@@ -87,7 +87,13 @@ def convert_gguf(path: Path, cache_dir: Path | None = None) -> Path:
     """
     digest = file_sha256(path)
     target = (cache_dir or cache_root()) / f"gguf-v{FORMAT_VERSION}-{digest[:32]}"
-    return cached_checkpoint(target, lambda model_dir: write_hf_checkpoint(path, model_dir))
+    try:
+        return cached_checkpoint(target, lambda model_dir: write_hf_checkpoint(path, model_dir))
+    except (GGUFError, UnsupportedModelError) as e:
+        # Checks deep in the metadata do not know the file; the user needs to.
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
 
 
 def file_sha256(path: Path) -> str:

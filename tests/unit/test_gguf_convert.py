@@ -154,6 +154,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported; supported: llama"):
         convert_gguf(tmp_path / "gpt2.gguf", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_unsupported_rope_scaling_is_named(tmp_path: Path) -> None:
@@ -177,5 +178,6 @@ def test_unsupported_rope_scaling_is_named(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModelError, match="unsupported rope scaling 'yarn'"):
+    with pytest.raises(UnsupportedModelError, match="unsupported rope scaling 'yarn'") as info:
         convert_gguf(tmp_path / "yarn.gguf", cache_dir=tmp_path / "cache")
+    assert str(info.value).startswith(f"{tmp_path / 'yarn.gguf'}: ")
