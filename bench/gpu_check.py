@@ -226,7 +226,7 @@ def copy_bandwidth_bytes_per_s(num_bytes: int = 2**30) -> float:
 
 def bench_engine() -> bool:
     from twolane.scheduler.config import EngineConfig
-    from twolane.scheduler.engine import LLMEngine
+    from twolane.scheduler.engine import EngineCore
     from twolane.scheduler.request import SamplingParams
 
     print(
@@ -250,7 +250,7 @@ def bench_engine() -> bool:
                 enable_prefix_caching=False,
                 attention_backend=backend,
             )
-            engine = LLMEngine(config)
+            engine = EngineCore(config)
             # Compile the kernels and fill allocator caches before timing.
             warmup = SamplingParams(max_tokens=4, ignore_eos=True)
             engine.generate(random_prompts(2, engine.vocab_size, seed=99), warmup)

@@ -2,36 +2,31 @@
 
     .venv/bin/python bench/profile_step.py [--dtype bfloat16] [--batch 64] [--torch-profile]
 
-Times each part of `LLMEngine.step` by wrapping the engine's own methods (nothing
+Times each part of `EngineCore.step` by wrapping the engine's own methods (nothing
 in the engine changes): scheduling, input preparation, the model forward, lm_head,
-sampling, output processing (token append, detokenizing, stop checks, deltas) and
-block commits; then the same decode driven through `AsyncEngine` with 64 asyncio
-consumers, whose extra time per step is the cost of publishing stats and handing
-outputs to the event loop (and of sharing the GIL with it). `--torch-profile` adds
-the torch profiler's operator table and the share of the step spent in GEMMs.
+sampling, output processing (token append, stop checks, outputs) and block commits.
+`--torch-profile` adds the torch profiler's operator table and the share of the step
+spent in GEMMs. What serving adds on top (sockets, frontends) is `make bench-overhead`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import multiprocessing
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import torch
 
 from twolane.bench.checkpoints import model_dir
 from twolane.models import runner as runner_module
-from twolane.scheduler.async_engine import AsyncEngine
 from twolane.scheduler.config import EngineConfig
-from twolane.scheduler.engine import LLMEngine
-from twolane.scheduler.request import SamplingParams
+from twolane.scheduler.engine import EngineCore
+from twolane.scheduler.protocol import AddRequest
+from twolane.scheduler.request import Priority, SamplingParams
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
 
@@ -53,7 +48,7 @@ class PartTimer:
         return timed
 
     @contextlib.contextmanager
-    def instrument(self, engine: LLMEngine) -> Iterator[None]:
+    def instrument(self, engine: EngineCore) -> Iterator[None]:
         runner, model = engine.runner, engine.runner.model
         patches: list[tuple[object, str, object]] = [
             (engine.scheduler, "schedule", engine.scheduler.schedule),
@@ -69,7 +64,7 @@ class PartTimer:
             "_prepare": "prepare inputs",
             "forward": "model forward",
             "compute_logits": "lm_head (logits)",
-            "_process_samples": "process outputs (detokenize, stops, deltas)",
+            "_process_samples": "process outputs (stops, outputs)",
             "commit_full_blocks": "commit full blocks (prefix cache)",
             "sample": "sample",
         }
@@ -90,20 +85,21 @@ def random_prompts(vocab_size: int, batch: int, context: int, seed: int) -> list
     return [torch.randint(0, vocab_size, (context,), generator=gen).tolist() for _ in range(batch)]
 
 
-def add_requests(engine: LLMEngine, batch: int, context: int, max_tokens: int, tag: str) -> None:
+def add_requests(engine: EngineCore, batch: int, context: int, max_tokens: int, tag: str) -> None:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i, prompt in enumerate(random_prompts(engine.vocab_size, batch, context, 0)):
-        engine.add_request(f"{tag}-{i}", prompt_token_ids=prompt, params=params)
+        now_s = time.monotonic()
+        engine.add_request(AddRequest(f"{tag}-{i}", prompt, params, Priority.INTERACTIVE, now_s))
 
 
-def prefill(engine: LLMEngine) -> None:
+def prefill(engine: EngineCore) -> None:
     while engine.scheduler.waiting or any(
         s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
     ):
         engine.step()
 
 
-def profile_bare(engine: LLMEngine, batch: int, context: int, num_steps: int) -> dict[str, float]:
+def profile_bare(engine: EngineCore, batch: int, context: int, num_steps: int) -> dict[str, float]:
     """Mean seconds per decode step of each part, and of the whole step."""
     add_requests(engine, batch, context, num_steps + 4, "bare")
     prefill(engine)
@@ -113,7 +109,7 @@ def profile_bare(engine: LLMEngine, batch: int, context: int, num_steps: int) ->
     with timer.instrument(engine):
         for _ in range(num_steps):
             start = time.perf_counter()
-            engine.stats()  # AsyncEngine publishes stats after every step
+            engine.load()  # the engine core process publishes its load after every step
             engine.step()
             step_times.append(time.perf_counter() - start)
     while engine.has_unfinished:
@@ -121,46 +117,6 @@ def profile_bare(engine: LLMEngine, batch: int, context: int, num_steps: int) ->
     parts = {name: total / num_steps for name, total in timer.totals.items()}
     parts["step (total)"] = statistics.fmean(step_times)
     return parts
-
-
-async def _async_decode(engine: AsyncEngine, batch: int, context: int, num_steps: int) -> float:
-    gen = torch.Generator().manual_seed(1)
-    params = SamplingParams(max_tokens=num_steps + 8, ignore_eos=True)
-    streams = [
-        engine.add_request(
-            f"async-{i}",
-            prompt_token_ids=torch.randint(
-                0, engine.vocab_size, (context,), generator=gen
-            ).tolist(),
-            params=params,
-        )
-        for i in range(batch)
-    ]
-    counts = [0] * batch
-    step_marks: list[tuple[int, float]] = []
-
-    async def consume(i: int) -> None:
-        async for out in streams[i]:
-            counts[i] += len(out.new_token_ids)
-            if i == 0:
-                step_marks.append((counts[0], time.perf_counter()))
-
-    await asyncio.gather(*(consume(i) for i in range(batch)))
-    # Decode steps only: from the 4th token of request 0 to its last.
-    (n0, t0), (n1, t1) = step_marks[3], step_marks[-1]
-    return (t1 - t0) / (n1 - n0)
-
-
-def profile_async(dtype: str, batch: int, context: int, num_steps: int) -> float:
-    async def main() -> float:
-        engine = AsyncEngine(engine_config(dtype, batch, context))
-        await engine.start()
-        try:
-            return await _async_decode(engine, batch, context, num_steps)
-        finally:
-            await engine.shutdown()
-
-    return asyncio.run(main())
 
 
 def engine_config(dtype: str, batch: int, context: int) -> EngineConfig:
@@ -173,7 +129,7 @@ def engine_config(dtype: str, batch: int, context: int) -> EngineConfig:
     )
 
 
-def torch_profile(engine: LLMEngine, batch: int, context: int, num_steps: int) -> None:
+def torch_profile(engine: EngineCore, batch: int, context: int, num_steps: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     add_requests(engine, batch, context, num_steps + 4, "torchprof")
@@ -203,10 +159,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128, help="prompt tokens per sequence")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--torch-profile", action="store_true")
-    parser.add_argument("--no-async", action="store_true", help="skip the AsyncEngine run")
     args = parser.parse_args()
 
-    engine = LLMEngine(engine_config(args.dtype, args.batch, args.context))
+    engine = EngineCore(engine_config(args.dtype, args.batch, args.context))
     parts = profile_bare(engine, args.batch, args.context, args.steps)
     step = parts.pop("step (total)")
     print(
@@ -229,21 +184,6 @@ def main() -> None:
     )
     if args.torch_profile:
         torch_profile(engine, args.batch, args.context, max(4, args.steps // 2))
-    if not args.no_async:
-        del engine
-        # A fresh process: this one has run OpenMP regions on its main thread, which would
-        # slow every parallel op of the engine thread (as in serving, where the engine
-        # thread is the only one that runs torch work).
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            job = pool.submit(profile_async, args.dtype, args.batch, args.context, args.steps)
-            per_step = job.result()
-        print(
-            f"\nthrough AsyncEngine with {args.batch} asyncio consumers: {per_step * 1e3:.1f} ms "
-            f"per decode step ({(per_step - step) * 1e3:+.1f} ms, "
-            f"{(per_step - step) / per_step:+.1%} vs the bare step: stats, hand-off to the "
-            f"event loop, GIL shared with it)"
-        )
 
 
 if __name__ == "__main__":

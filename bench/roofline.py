@@ -94,12 +94,13 @@ def measure_decode_steps(
 ) -> dict[int, float]:
     """Median seconds of an engine decode step at each batch size (in this process)."""
     from twolane.scheduler.config import EngineConfig
-    from twolane.scheduler.engine import LLMEngine
-    from twolane.scheduler.request import SamplingParams
+    from twolane.scheduler.engine import EngineCore
+    from twolane.scheduler.protocol import AddRequest
+    from twolane.scheduler.request import Priority, SamplingParams
 
     max_batch = max(batches)
     blocks_per_seq = -(-(context + num_steps + 2) // 16)
-    engine = LLMEngine(
+    engine = EngineCore(
         EngineConfig(
             model=model_dir,
             dtype=dtype,
@@ -116,7 +117,9 @@ def measure_decode_steps(
     for batch in batches:
         for i in range(batch):
             prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-            engine.add_request(f"roofline-{batch}-{i}", prompt_token_ids=prompt, params=params)
+            request_id = f"roofline-{batch}-{i}"
+            now_s = time.monotonic()
+            engine.add_request(AddRequest(request_id, prompt, params, Priority.INTERACTIVE, now_s))
         # Prefill (whatever number of steps the token budget needs), then time decodes.
         while any(
             s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running

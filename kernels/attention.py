@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -15,7 +16,12 @@ from twolane.kernels.torch_attention import StepPlan, paged_attention_torch, pla
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """Where one step's tokens live in the paged cache. Built once per step, shared by layers."""
+    """Where one step's tokens live in the paged cache. Built once per step, shared by layers.
+
+    `plan` holds what the backend derived from the rest once for the step (`prepare`). It
+    lives here rather than in the backend, so that a step nested inside another one's
+    forward pass (an urgent step) has a plan of its own and never overwrites the outer one.
+    """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64; -1 = padding, not stored
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
@@ -23,6 +29,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
     max_query_len: int
     max_seq_len: int
+    plan: Any = None
 
     @property
     def is_decode_only(self) -> bool:
@@ -31,6 +38,10 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
+
+    def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+        """The step's metadata with the backend's plan attached; called once per step."""
+        ...
 
     def forward(
         self,
@@ -51,9 +62,9 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def __init__(self) -> None:
-        self._planned_for: AttentionMetadata | None = None
-        self._plan = StepPlan([], [])
+    def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+        plan = plan_step(meta.query_start_loc, meta.seq_lens, meta.block_tables, block_size)
+        return dataclasses.replace(meta, plan=plan)
 
     def forward(
         self,
@@ -66,13 +77,9 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         store_kv_cache_ref(key, value, k_cache, v_cache, meta.slot_mapping)
-        if meta is not self._planned_for:
-            # Every layer of a step shares one metadata object: plan once per step.
-            self._plan = plan_step(
-                meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1]
-            )
-            self._planned_for = meta
-        return paged_attention_torch(query, k_cache, v_cache, self._plan, scale)
+        if not isinstance(meta.plan, StepPlan):
+            raise ValueError("the torch backend needs metadata from its prepare()")
+        return paged_attention_torch(query, k_cache, v_cache, meta.plan, scale)
 
 
 class TritonAttentionBackend:
@@ -96,9 +103,10 @@ class TritonAttentionBackend:
         self._decode = paged_attention_decode
         self._prefill = paged_prefill_attention
         self._flash_attn_varlen = flash_attn_varlen
-        # One step's metadata is shared by every layer, so its prefix check runs once.
-        self._checked_meta: AttentionMetadata | None = None
-        self._checked_has_prefix = True
+
+    def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+        """The plan is whether some sequence attends to tokens cached before this step."""
+        return dataclasses.replace(meta, plan=_has_cached_prefix(meta))
 
     def forward(
         self,
@@ -147,17 +155,14 @@ class TritonAttentionBackend:
     def _can_use_flash_attn(self, query: torch.Tensor, meta: AttentionMetadata) -> bool:
         if self._flash_attn_varlen is None or query.dtype not in (torch.float16, torch.bfloat16):
             return False
-        return not self._has_cached_prefix(meta)
+        return meta.plan is False  # prepared, and no sequence has a cached prefix
 
-    def _has_cached_prefix(self, meta: AttentionMetadata) -> bool:
-        """Whether some sequence attends to tokens cached before this step."""
-        if meta.max_seq_len > meta.max_query_len:
-            return True  # the longest sequence cannot be all new tokens
-        if self._checked_meta is not meta:
-            query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
-            self._checked_has_prefix = bool((meta.seq_lens != query_lens).any())
-            self._checked_meta = meta
-        return self._checked_has_prefix
+
+def _has_cached_prefix(meta: AttentionMetadata) -> bool:
+    if meta.max_seq_len > meta.max_query_len:
+        return True  # the longest sequence cannot be all new tokens
+    query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+    return bool((meta.seq_lens != query_lens).any())
 
 
 def get_attention_backend(name: str, device: str) -> AttentionBackend:

@@ -7,13 +7,14 @@ the attention backend finds each sequence's context through `AttentionMetadata`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from twolane.kernels.attention import AttentionBackend, AttentionMetadata
+from twolane.models.batch import LayerHook
 from twolane.models.config import ModelConfig, RopeScaling
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -166,16 +167,15 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-        between_layers: Callable[[], None] | None = None,
+        hook: LayerHook | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        """Run the decoder; `between_layers`, if given, is called after every layer but the
-        last (the engine runs newly arrived interactive work there)."""
+        """Run the decoder; `hook`, if given, is called after every layer but the last."""
         hidden = self.embed_tokens(input_ids)
         last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             hidden = layer(positions, hidden, kv_cache, meta, backend)
-            if between_layers is not None and i < last:
-                between_layers()
+            if hook is not None and i < last:
+                hook.after_layer(i)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

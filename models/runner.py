@@ -1,27 +1,38 @@
-"""Runs one scheduled step: packs the batch, runs the model, samples the next tokens."""
+"""Runs one step: packs the batch, runs the model, samples the next tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 
 import torch
 
 from twolane.kernels.attention import AttentionBackend, AttentionMetadata
+from twolane.models.batch import BatchSequence, LayerHook, SamplingRow
 from twolane.models.config import ModelConfig
 from twolane.models.llama import KVCache, LlamaForCausalLM
 from twolane.models.sampling import sample
-from twolane.scheduler.block_manager import BlockCopy
-from twolane.scheduler.scheduler import ScheduledSequence
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """Sampled tokens for the scheduled sequences that reached their last token this step."""
+    """One sampled token per sequence of the step that had `sampling` set, in step order,
+    and where the step's time went (a nested step's time counts in its outer forward)."""
 
-    request_ids: list[str]
     token_ids: list[int]
     logprobs: list[float] | None
+    prepare_s: float
+    forward_s: float
+    sample_s: float
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: list[int]  # flat token index of each sampling sequence's last token
+    sampling: list[SamplingRow]
 
 
 class ModelRunner:
@@ -56,64 +67,51 @@ class ModelRunner:
         return per_layer * model_config.num_layers
 
     @torch.inference_mode()
-    def execute(
-        self,
-        scheduled: list[ScheduledSequence],
-        between_layers: Callable[[], None] | None = None,
-    ) -> StepResult:
-        """Run one step. `between_layers` may run another step of its own (on other
-        sequences) between two layers of this one."""
-        input_ids, positions, meta, sample_rows, sampling = self._prepare(scheduled)
+    def execute(self, batch: list[BatchSequence], hook: LayerHook | None = None) -> StepResult:
+        """Run one step. `hook` may run another step of its own (on other sequences)
+        between two layers of this one."""
+        started_s = time.perf_counter()
+        inputs = self._prepare(batch)
+        prepared_s = time.perf_counter()
         hidden = self.model(
-            input_ids, positions, self.kv_caches, meta, self.backend, between_layers
+            inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend, hook
         )
-        if not sample_rows:
-            return StepResult([], [], None)
-        logits = self.model.compute_logits(hidden[sample_rows])
-        seqs = [s.seq for s in sampling]
-        result = sample(
-            logits,
-            [s.params for s in seqs],
-            [s.generator for s in seqs],
-            want_logprobs=any(s.params.logprobs for s in seqs),
+        forwarded_s = time.perf_counter()
+        if not inputs.sample_rows:
+            return StepResult([], None, prepared_s - started_s, forwarded_s - prepared_s, 0.0)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        result = sample(logits, inputs.sampling)
+        return StepResult(
+            result.token_ids,
+            result.logprobs,
+            prepare_s=prepared_s - started_s,
+            forward_s=forwarded_s - prepared_s,
+            sample_s=time.perf_counter() - forwarded_s,
         )
-        return StepResult([s.request_id for s in seqs], result.token_ids, result.logprobs)
 
-    @torch.inference_mode()
-    def copy_blocks(self, copies: list[BlockCopy]) -> None:
-        for copy in copies:
-            for k_cache, v_cache in self.kv_caches:
-                k_cache[copy.dst] = k_cache[copy.src]
-                v_cache[copy.dst] = v_cache[copy.src]
-
-    def _prepare(
-        self, scheduled: list[ScheduledSequence]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[ScheduledSequence]]:
+    def _prepare(self, batch: list[BatchSequence]) -> _Inputs:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
-        sampling: list[ScheduledSequence] = []
+        sampling: list[SamplingRow] = []
         bs = self.block_size
-        for item in scheduled:
-            seq = item.seq
+        for seq in batch:
             start = seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
+            end = start + len(seq.token_ids)
+            input_ids.extend(seq.token_ids)
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_start_loc.append(len(input_ids))
             seq_lens.append(end)
-            if item.samples:
+            if seq.sampling is not None:
                 sample_rows.append(len(input_ids) - 1)
-                sampling.append(item)
-        max_blocks = max(len(s.seq.block_table) for s in scheduled)
-        tables = [
-            s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in scheduled
-        ]
+                sampling.append(seq.sampling)
+        max_blocks = max(len(s.block_table) for s in batch)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch]
 
         def tensor(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
@@ -123,13 +121,13 @@ class ModelRunner:
             query_start_loc=tensor(query_start_loc, torch.int32),
             seq_lens=tensor(seq_lens, torch.int32),
             block_tables=tensor(tables, torch.int32),
-            max_query_len=max(s.num_new_tokens for s in scheduled),
+            max_query_len=max(len(s.token_ids) for s in batch),
             max_seq_len=max(seq_lens),
         )
-        return (
-            tensor(input_ids, torch.int64),
-            tensor(positions, torch.int64),
-            meta,
-            sample_rows,
-            sampling,
+        return _Inputs(
+            input_ids=tensor(input_ids, torch.int64),
+            positions=tensor(positions, torch.int64),
+            meta=self.backend.prepare(meta, bs),
+            sample_rows=sample_rows,
+            sampling=sampling,
         )

@@ -40,14 +40,6 @@ class Allocation:
     num_cached_tokens: int = 0
 
 
-@dataclass(frozen=True)
-class BlockCopy:
-    """Copy the KV of block `src` into block `dst` (used when a fork splits a partial block)."""
-
-    src: int
-    dst: int
-
-
 def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
 
@@ -155,38 +147,11 @@ class BlockManager:
             seq.block_hashes.append(block_hash)
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is not None:
-                continue  # already registered (shared through the cache or a fork)
+                continue  # already registered (shared through the prefix cache)
             block.block_hash = block_hash
             block.token_ids = tokens
             # First writer wins: an equal block computed earlier stays the cached one.
             self.cached_blocks.setdefault(block_hash, block.block_id)
-
-    def fork(self, parent: Sequence, child: Sequence) -> list[BlockCopy] | None:
-        """Let `child` share `parent`'s computed KV.
-
-        Full blocks are shared by reference; a partial last block is copied into a
-        fresh block, since both sequences will write into it. Returns the copies the
-        model runner must perform, or None (changing nothing) when there is no room.
-        """
-        if child.block_table:
-            raise ValueError("fork target must hold no blocks")
-        num_computed = parent.num_computed_tokens
-        num_blocks = self.blocks_needed(num_computed)
-        num_full = num_computed // self.block_size
-        needs_copy = num_blocks > num_full
-        if needs_copy and self.num_free_blocks < 1:
-            return None
-        for block_id in parent.block_table[:num_full]:
-            self._take(block_id)
-            child.block_table.append(block_id)
-        child.block_hashes = list(parent.block_hashes[:num_full])
-        copies: list[BlockCopy] = []
-        if needs_copy:
-            dst = self._pop_free()
-            child.block_table.append(dst)
-            copies.append(BlockCopy(src=parent.block_table[num_full], dst=dst))
-        child.num_computed_tokens = num_computed
-        return copies
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references to its blocks; blocks nobody references become free."""

@@ -1,78 +1,58 @@
-"""The synchronous engine: admission, one scheduling step at a time, stop conditions.
+"""The synchronous engine core: admission, one scheduling step at a time, stop conditions.
 
-`LLMEngine` is not thread-safe; `AsyncEngine` drives it from one thread.
+Token ids in, token ids out: text, tokenizing and stop strings belong to the frontends.
+`EngineCore` is not thread-safe; `core_process.EngineCoreProc` drives it from one loop.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from twolane.kernels.attention import get_attention_backend
+from twolane.models.batch import BatchSequence, LayerHook, SamplingRow
 from twolane.models.builtin import BUILTIN_NAME, builtin_model_dir
 from twolane.models.config import ModelConfig
 from twolane.models.loader import DTYPES, load_model
 from twolane.models.runner import ModelRunner, StepResult
 from twolane.models.sampling import make_generator
-from twolane.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from twolane.scheduler.block_manager import BlockManager
 from twolane.scheduler.config import EngineConfig
-from twolane.scheduler.errors import InvalidRequestError
 from twolane.scheduler.metrics import EngineMetrics
-from twolane.scheduler.request import FinishReason, Priority, RequestOutput, SamplingParams
+from twolane.scheduler.protocol import AddRequest, EngineStats, Load, TokenOutput, final_output
+from twolane.scheduler.request import ErrorCode, FinishReason, Priority, SamplingParams
 from twolane.scheduler.scheduler import LanePolicy, ScheduledSequence, Scheduler
 from twolane.scheduler.sequence import Sequence
 
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_waiting_interactive: int
-    num_running_batch: int
-    num_waiting_batch: int
-    max_num_batch_seqs: int
-    num_free_blocks: int
-    num_used_blocks: int
-    num_total_blocks: int
-    block_size: int
-    prefix_cache_hit_rate: float
-    num_preemptions: int
-    num_steps: int
-
-
 class _RequestState:
-    """Per-request text state: detokenizer, emitted text, stop-string hold-back."""
+    """What the core keeps per request besides its sequence."""
 
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer, stream: bool) -> None:
+    def __init__(self, seq: Sequence, stream: bool) -> None:
         self.seq = seq
-        self.stream = stream  # False: one output at the end carrying everything
-        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.token_ids)
-        self.text = ""
-        self.num_emitted_chars = 0
+        self.stream = stream  # False: one output at the end carrying every token
         self.num_emitted_tokens = 0
         self.logprobs: list[float] = []
-        # A stop string may straddle two deltas, so hold back enough text to catch it.
-        self.holdback_chars = max((len(s) for s in seq.params.stop), default=1) - 1
 
 
-class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+class EngineCore:
+    def __init__(self, config: EngineConfig, instance_id: str = "") -> None:
         self.config = config
-        model_dir = (
+        self.instance_id = instance_id
+        self.model_dir = (
             builtin_model_dir(config.seed) if config.model == BUILTIN_NAME else Path(config.model)
         )
-        self.tokenizer = Tokenizer.from_dir(model_dir)
         dtype = DTYPES[config.dtype]
-        max_positions = self._max_positions(model_dir)
-        model, self.model_config = load_model(model_dir, config.dtype, config.device, max_positions)
+        max_positions = self._max_positions(self.model_dir)
+        model, self.model_config = load_model(
+            self.model_dir, config.dtype, config.device, max_positions
+        )
         num_blocks = config.num_blocks or max(
             1,
             config.kv_cache_bytes
@@ -103,7 +83,7 @@ class LLMEngine:
         self._urgent_s = 0.0  # time spent in urgent steps inside the step in flight
         log.info(
             "engine_ready",
-            model=str(model_dir),
+            model=str(self.model_dir),
             dtype=config.dtype,
             device=config.device,
             attention=backend.name,
@@ -118,112 +98,112 @@ class LLMEngine:
 
     # ---- admission -------------------------------------------------------------
 
-    def add_request(
-        self,
-        request_id: str,
-        *,
-        prompt: str | None = None,
-        prompt_token_ids: list[int] | None = None,
-        params: SamplingParams | None = None,
-        priority: Priority = Priority.INTERACTIVE,
-        deadline_s: float | None = None,
-        arrival_time_s: float | None = None,
-        stream: bool = True,
-    ) -> Sequence:
-        """Validate and queue a request.
+    def add_request(self, request: AddRequest) -> TokenOutput | None:
+        """Queue a request; returns its final output at once when it is refused.
 
-        With `stream=False` the request yields a single output when it finishes,
-        which saves the caller one wake-up per token.
-
-        Raises:
-            InvalidRequestError: the request can never be served as given.
-            ValueError: `request_id` is already in use.
+        The frontend's validator has checked the request against this model. What is
+        checked here only keeps a faulty client from breaking the core.
         """
-        params = params or SamplingParams()
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self.tokenize(prompt, prompt_token_ids, params)
+        if request.request_id in self._requests:
+            return self._refuse(request, ErrorCode.REJECTED, "the request id is already in use")
+        problem = self._structural_problem(request)
+        if problem is not None:
+            log.error("request_refused", request_id=request.request_id, problem=problem)
+            return self._refuse(request, ErrorCode.REJECTED, problem)
+        if request.priority is Priority.INTERACTIVE:
+            num_waiting = self.scheduler.num_waiting_of(Priority.INTERACTIVE)
+            if num_waiting >= self.config.max_waiting_interactive:
+                return self._refuse(
+                    request,
+                    ErrorCode.QUEUE_FULL,
+                    f"{num_waiting} interactive requests are waiting; retry later",
+                )
+        params = request.params
         seq = Sequence(
-            request_id,
-            token_ids,
+            request.request_id,
+            request.prompt_token_ids,
             params,
-            priority,
+            request.priority,
             arrival_index=next(self._arrivals),
-            arrival_time_s=time.monotonic() if arrival_time_s is None else arrival_time_s,
-            deadline_s=deadline_s,
+            arrival_time_s=request.arrival_time_s,
+            deadline_s=request.deadline_s,
             generator=None if params.is_greedy else make_generator(params.seed),
         )
-        self._requests[request_id] = _RequestState(seq, self.tokenizer, stream)
+        self._requests[request.request_id] = _RequestState(seq, request.stream)
         self.scheduler.add(seq)
-        return seq
+        return None
 
-    def tokenize(
-        self, prompt: str | None, prompt_token_ids: list[int] | None, params: SamplingParams
-    ) -> list[int]:
-        """Check a request against the model and return its prompt token ids."""
-        if prompt and prompt_token_ids:
-            raise InvalidRequestError("prompt", "set either prompt or prompt_token_ids, not both")
-        if prompt_token_ids:
-            bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    "prompt_token_ids",
-                    f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                )
-            token_ids = list(prompt_token_ids)
-        elif prompt:
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            raise InvalidRequestError("prompt", "the prompt is empty")
-        if not token_ids:
-            raise InvalidRequestError("prompt", "the prompt encodes to no tokens")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                "prompt",
-                f"the prompt has {len(token_ids)} tokens; the context length is "
-                f"{self.max_model_len}, which must leave room for at least one new token",
+    def _structural_problem(self, request: AddRequest) -> str | None:
+        tokens = request.prompt_token_ids
+        if not tokens:
+            return "the prompt has no tokens"
+        if len(tokens) >= self.max_model_len:
+            return (
+                f"the prompt has {len(tokens)} tokens; the context length is {self.max_model_len}"
             )
-        if params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                "sampling_params.max_tokens",
-                f"max_tokens {params.max_tokens} exceeds the context length {self.max_model_len}",
-            )
-        return token_ids
+        if min(tokens) < 0 or max(tokens) >= self.vocab_size:
+            return f"a prompt token id is outside the vocabulary [0, {self.vocab_size})"
+        if request.params.max_tokens <= 0:
+            return "max_tokens must be positive"
+        return None
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def _refuse(self, request: AddRequest, code: ErrorCode, error: str) -> TokenOutput:
+        self.metrics.refused.labels(code.value).inc()
+        return final_output(request.request_id, code, error)
+
+    def abort(self, request_id: str) -> TokenOutput | None:
         """Cancel a request wherever it is; returns its final output, or None if unknown."""
         state = self._requests.get(request_id)
         if state is None:
             return None
         return self._finish(state, FinishReason.ABORT)
 
+    def abort_all(self, code: ErrorCode, error: str) -> list[TokenOutput]:
+        """End every request (the core is stopping); their blocks come back."""
+        outputs = []
+        for state in list(self._requests.values()):
+            out = self._finish(state, FinishReason.ERROR)
+            outputs.append(_with_error(out, code, error))
+        return outputs
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
     # ---- stepping --------------------------------------------------------------
 
-    def step(self, between_layers: Callable[[], None] | None = None) -> list[RequestOutput]:
+    def step(self, hook: LayerHook | None = None) -> list[TokenOutput]:
         """Run one scheduling step and return the outputs it produced.
 
-        `between_layers` runs between two layers of the step's forward pass; it may call
+        `hook` runs between two layers of the step's forward pass; it may call
         `urgent_step` so that interactive requests arriving meanwhile start at once.
         """
+        started_s = time.perf_counter()
         now = time.monotonic()
         sched = self.scheduler.schedule(now)
         for seq in sched.expired:
             self.metrics.observe_finished(seq, now)
         outputs = [self._final_output(self._requests.pop(s.request_id)) for s in sched.expired]
         self.metrics.observe_preempted(sched.preempted)
+        self.metrics.step_phase_s.labels("schedule").observe(time.perf_counter() - started_s)
+        if sched.scheduled:
+            self._urgent_s = 0.0
+            outputs.extend(self._execute(sched.scheduled, now, hook, regular=True))
+        self.refresh_gauges()
+        return outputs
+
+    def refresh_gauges(self) -> None:
+        """Running, waiting and free-block gauges as they are now (after a step or an
+        abort), so a scrape never shows a request that has finished."""
         self.metrics.observe_queues(
             self.scheduler.running, self.scheduler.waiting, self.block_manager.num_free_blocks
         )
-        if sched.scheduled:
-            self._urgent_s = 0.0
-            outputs.extend(self._execute(sched.scheduled, now, between_layers, regular=True))
-        return outputs
 
-    def urgent_step(self) -> list[RequestOutput]:
+    def urgent_step(self) -> list[TokenOutput]:
         """Prefill waiting interactive requests in a step of their own, from inside the
         forward pass of a step in flight (see `step`), so they need not wait for its end.
 
@@ -237,108 +217,100 @@ class LLMEngine:
         started = time.perf_counter()
         outputs = self._execute(sched.scheduled, time.monotonic(), None, regular=False)
         self._urgent_s += time.perf_counter() - started
+        self.refresh_gauges()
         return outputs
 
     def _execute(
         self,
         scheduled: list[ScheduledSequence],
         now: float,
-        between_layers: Callable[[], None] | None,
+        hook: LayerHook | None,
         regular: bool,
-    ) -> list[RequestOutput]:
+    ) -> list[TokenOutput]:
         self.num_steps += 1
         for item in scheduled:
             if item.seq.first_scheduled_time_s is None:
                 item.seq.first_scheduled_time_s = now
         started = time.perf_counter()
         try:
-            result = self.runner.execute(scheduled, between_layers)
+            result = self.runner.execute([_batch_sequence(item) for item in scheduled], hook)
         except Exception:
             # Fail the requests of this step and keep the engine serving the rest.
             log.exception("step_failed", num_seqs=len(scheduled))
-            return [
-                self._finish(state, FinishReason.ERROR, "the engine step failed")
-                for item in scheduled
-                if (state := self._requests.get(item.seq.request_id)) is not None
-            ]
+            outputs = []
+            for item in scheduled:
+                state = self._requests.get(item.seq.request_id)
+                if state is not None:
+                    out = self._finish(state, FinishReason.ERROR)
+                    outputs.append(
+                        _with_error(out, ErrorCode.ENGINE_FAILED, "the engine step failed")
+                    )
+            return outputs
         if regular:
             # Urgent steps run inside this one's forward pass; they are not its cost.
             self.scheduler.observe_step(
                 time.perf_counter() - started - self._urgent_s,
                 served_interactive=any(not s.seq.priority.is_batch for s in scheduled),
             )
+            self._observe_phases(result)
+        sampled = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(item.seq)
-        return self._process_samples(result)
+        postprocess_started = time.perf_counter()
+        outputs = self._process_samples(sampled, result)
+        if regular:
+            self.metrics.step_phase_s.labels("postprocess").observe(
+                time.perf_counter() - postprocess_started
+            )
+        return outputs
 
-    def _process_samples(self, result: StepResult) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+    def _observe_phases(self, result: StepResult) -> None:
+        phases = self.metrics.step_phase_s
+        phases.labels("prepare").observe(result.prepare_s)
+        phases.labels("forward").observe(max(0.0, result.forward_s - self._urgent_s))
+        phases.labels("sample").observe(result.sample_s)
+        if self._urgent_s:
+            phases.labels("urgent").observe(self._urgent_s)
+
+    def _process_samples(self, sampled: list[Sequence], result: StepResult) -> list[TokenOutput]:
+        outputs: list[TokenOutput] = []
         now = time.monotonic()
-        for i, (request_id, token_id) in enumerate(
-            zip(result.request_ids, result.token_ids, strict=True)
-        ):
-            state = self._requests[request_id]
-            seq = state.seq
+        for i, (seq, token_id) in enumerate(zip(sampled, result.token_ids, strict=True)):
+            state = self._requests[seq.request_id]
             seq.token_ids.append(token_id)
             if seq.first_token_time_s is None:
                 seq.first_token_time_s = now
             if result.logprobs is not None and seq.params.logprobs:
                 state.logprobs.append(result.logprobs[i])
-            state.text += state.detokenizer.add(token_id)
-            reason = self._stop_reason(state, token_id)
+            reason = self._stop_reason(seq, token_id)
             if reason is not None:
                 outputs.append(self._finish(state, reason))
             elif state.stream:
                 outputs.append(self._delta(state, final=False))
         return outputs
 
-    def _stop_reason(self, state: _RequestState, token_id: int) -> FinishReason | None:
-        seq, params = state.seq, state.seq.params
+    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.params
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.STOP
         if token_id in params.stop_token_ids:
-            return FinishReason.STOP
-        if params.stop and self._truncate_at_stop(state):
             return FinishReason.STOP
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
-    @staticmethod
-    def _truncate_at_stop(state: _RequestState) -> bool:
-        """Cut the text before the first stop string, if one has appeared."""
-        search_from = max(0, state.num_emitted_chars - state.holdback_chars)
-        hits = [i for s in state.seq.params.stop if (i := state.text.find(s, search_from)) >= 0]
-        if not hits:
-            return False
-        state.text = state.text[: min(hits)]
-        return True
-
-    def _finish(
-        self, state: _RequestState, reason: FinishReason, error: str | None = None
-    ) -> RequestOutput:
+    def _finish(self, state: _RequestState, reason: FinishReason) -> TokenOutput:
         self.scheduler.finish(state.seq, reason)
         self.metrics.observe_finished(state.seq, time.monotonic())
         self._requests.pop(state.seq.request_id, None)
-        return self._final_output(state, error)
+        return self._final_output(state)
 
-    def _final_output(self, state: _RequestState, error: str | None = None) -> RequestOutput:
-        if state.seq.finish_reason is not FinishReason.STOP or not state.seq.params.stop:
-            state.text += state.detokenizer.flush()
-        out = self._delta(state, final=True)
-        out.error = error
-        return out
+    def _final_output(self, state: _RequestState) -> TokenOutput:
+        return self._delta(state, final=True)
 
-    def _delta(self, state: _RequestState, final: bool) -> RequestOutput:
+    def _delta(self, state: _RequestState, final: bool) -> TokenOutput:
         seq = state.seq
-        text_end = (
-            len(state.text)
-            if final
-            else max(state.num_emitted_chars, len(state.text) - state.holdback_chars)
-        )
-        new_text = state.text[state.num_emitted_chars : text_end]
-        state.num_emitted_chars = text_end
         new_tokens = seq.output_token_ids[state.num_emitted_tokens :]
         new_logprobs = state.logprobs[state.num_emitted_tokens :]
         state.num_emitted_tokens = seq.num_output_tokens
@@ -346,12 +318,10 @@ class LLMEngine:
             None if seq.first_token_time_s is None else seq.first_token_time_s - seq.arrival_time_s
         )
         queued_until = seq.first_scheduled_time_s or time.monotonic()
-        return RequestOutput(
+        return TokenOutput(
             request_id=seq.request_id,
             new_token_ids=new_tokens,
-            new_text=new_text,
             new_logprobs=new_logprobs,
-            finished=final,
             finish_reason=seq.finish_reason if final else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
@@ -380,13 +350,34 @@ class LLMEngine:
             num_steps=self.num_steps,
         )
 
+    def load(self) -> Load:
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        num_running_batch = sum(1 for s in running if s.priority.is_batch)
+        num_waiting_batch = sum(1 for s in waiting if s.priority.is_batch)
+        return Load(
+            instance_id=self.instance_id,
+            num_steps=self.num_steps,
+            num_running_interactive=len(running) - num_running_batch,
+            num_waiting_interactive=len(waiting) - num_waiting_batch,
+            num_running_batch=num_running_batch,
+            num_waiting_batch=num_waiting_batch,
+            max_num_batch_seqs=self.scheduler.max_num_batch_seqs,
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_total_blocks=self.block_manager.num_blocks,
+        )
+
     def generate(
         self, prompts_token_ids: list[list[int]], params: SamplingParams | None = None
     ) -> list[list[int]]:
         """Run prompts to completion together and return each one's output token ids."""
+        params = params or SamplingParams()
         ids = [f"generate-{next(self._arrivals)}" for _ in prompts_token_ids]
         for request_id, prompt in zip(ids, prompts_token_ids, strict=True):
-            self.add_request(request_id, prompt_token_ids=prompt, params=params)
+            refused = self.add_request(
+                AddRequest(request_id, prompt, params, Priority.INTERACTIVE, time.monotonic())
+            )
+            if refused is not None:
+                raise ValueError(f"{request_id}: {refused.error}")
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         pending = set(ids)
         while pending:
@@ -396,3 +387,30 @@ class LLMEngine:
                     if out.finished:
                         pending.discard(out.request_id)
         return [tokens[i] for i in ids]
+
+
+def _batch_sequence(item: ScheduledSequence) -> BatchSequence:
+    seq = item.seq
+    start = seq.num_computed_tokens
+    sampling = None
+    if item.samples:
+        params = seq.params
+        sampling = SamplingRow(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            generator=seq.generator,
+            logprobs=params.logprobs,
+        )
+    return BatchSequence(
+        token_ids=seq.token_ids[start : start + item.num_new_tokens],
+        num_computed_tokens=start,
+        block_table=seq.block_table,
+        sampling=sampling,
+    )
+
+
+def _with_error(out: TokenOutput, code: ErrorCode, error: str) -> TokenOutput:
+    return msgspec.structs.replace(
+        out, finish_reason=FinishReason.ERROR, error_code=code, error=error
+    )

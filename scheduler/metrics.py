@@ -1,7 +1,8 @@
 """Prometheus metrics per lane: queue time, TTFT, TPOT, preemptions, running and waiting.
 
 Each engine owns its registry, so several engines in one process (tests, benchmarks)
-never collide; the services expose it over HTTP.
+never collide. Served, the engine core runs in a process of its own and its metrics
+reach the scrape through Prometheus' multiprocess files (see services/metrics_http.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from twolane.scheduler.sequence import Sequence
 
 LANES = ("interactive", "batch")
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_PHASE_BUCKETS_S = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3)
 
 
 def lane_of(seq: Sequence) -> str:
@@ -57,9 +59,42 @@ class EngineMetrics:
             "Interactive requests prefilled in an urgent step of their own, not a regular step.",
             registry=r,
         )
-        self.running = Gauge("twolane_running", "Running sequences.", ["lane"], registry=r)
-        self.waiting = Gauge("twolane_waiting", "Waiting sequences.", ["lane"], registry=r)
-        self.free_blocks = Gauge("twolane_kv_free_blocks", "Free KV blocks.", registry=r)
+        self.refused = Counter(
+            "twolane_requests_refused",
+            "Requests the engine core refused at admission, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.step_phase_s = Histogram(
+            "twolane_engine_step_phase_seconds",
+            "Where a regular engine step's time goes: schedule, prepare (inputs), forward, "
+            "sample, postprocess (stop checks, outputs), urgent (nested urgent steps), "
+            "send (outputs to clients), commands (reading the socket) and idle (waiting "
+            "for work).",
+            ["phase"],
+            buckets=_PHASE_BUCKETS_S,
+            registry=r,
+        )
+        # One engine core per process tree: with Prometheus' multiprocess mode (several
+        # processes, one scrape), a live gauge is the sum over the live processes.
+        gauge_mode = "livesum"
+        self.running = Gauge(
+            "twolane_running",
+            "Running sequences.",
+            ["lane"],
+            registry=r,
+            multiprocess_mode=gauge_mode,
+        )
+        self.waiting = Gauge(
+            "twolane_waiting",
+            "Waiting sequences.",
+            ["lane"],
+            registry=r,
+            multiprocess_mode=gauge_mode,
+        )
+        self.free_blocks = Gauge(
+            "twolane_kv_free_blocks", "Free KV blocks.", registry=r, multiprocess_mode=gauge_mode
+        )
 
     def observe_finished(self, seq: Sequence, now_s: float) -> None:
         lane = lane_of(seq)

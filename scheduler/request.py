@@ -1,9 +1,11 @@
-"""Request-level types shared by the engine and the services that drive it."""
+"""Request-level types shared by the engine core and its clients. No torch here: the
+frontends import this module and never load torch."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+
+import msgspec
 
 
 class Priority(enum.IntEnum):
@@ -24,15 +26,26 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the model's context length
     ABORT = "abort"  # cancelled by the caller
     DEADLINE = "deadline"  # the request's deadline passed
-    ERROR = "error"  # the engine failed while running the request
+    ERROR = "error"  # the engine failed or refused the request (see ErrorCode)
 
 
-@dataclass(frozen=True)
-class SamplingParams:
+class ErrorCode(enum.Enum):
+    """Why a request finished with FinishReason.ERROR."""
+
+    QUEUE_FULL = "queue_full"  # too many interactive requests wait: retry later
+    REJECTED = "rejected"  # the engine cannot run it as given (a client's bug)
+    ENGINE_FAILED = "engine_failed"  # a step failed while the request was in it
+    ENGINE_DEAD = "engine_dead"  # the engine core went away with the request in flight
+    ENGINE_STOPPING = "engine_stopping"  # the engine core shut down
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """How to pick tokens. `temperature == 0` is greedy decoding.
 
     `top_k == 0` and `top_p == 1.0` disable those filters. `seed` makes sampling
-    reproducible for one request whatever else shares the batch.
+    reproducible for one request whatever else shares the batch. The values are checked
+    once, by the frontend's validator; the engine core takes them as they come. `stop`
+    strings are applied by the frontend, which sees text; the core sees token ids only.
     """
 
     max_tokens: int = 16
@@ -45,41 +58,6 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
 
-    def __post_init__(self) -> None:
-        if self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-@dataclass
-class RequestOutput:
-    """One incremental update for a request.
-
-    `new_token_ids` and `new_text` hold only what this update adds; `text` is
-    never split inside a multi-byte character. The last update of a request has
-    `finished=True` and a `finish_reason`.
-    """
-
-    request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
-    new_logprobs: list[float] = field(default_factory=list)
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    queue_time_s: float = 0.0
-    ttft_s: float | None = None
-    error: str | None = None

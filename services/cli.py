@@ -9,11 +9,14 @@ from collections.abc import Sequence
 
 # Modules that add subcommands; a new command is one more entry here.
 COMMAND_MODULES = (
-    "twolane.services.serve",
+    "twolane.services.supervisor",
     "twolane.services.client",
-    "twolane.services.split",
+    "twolane.services.gateway",
     "twolane.services.job_cli",
     "twolane.services.bench_cli",
+    "twolane.services.engine_core",
+    "twolane.services.frontend",
+    "twolane.services.job_runner",
 )
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from twolane.scheduler.request import FinishReason, RequestOutput, SamplingParams
+from twolane.scheduler.protocol import EngineStats
+from twolane.scheduler.request import FinishReason, SamplingParams
 from twolane.v1 import generate_pb2, inference_pb2
 
 if TYPE_CHECKING:
-    from twolane.scheduler.async_engine import EngineStats
+    from twolane.services.generation import RequestOutput
 
 DEFAULT_MAX_TOKENS = 16
 

@@ -1,30 +1,43 @@
-"""InferenceService: thin adapters from twolane.v1 messages to the engine and back."""
+"""`twolane frontend`: the public gRPC API over one engine core, in a process of its own.
+
+The servicer is a thin adapter: it validates once (tokenizing the prompt), hands the
+token ids to the engine core, turns the token ids that come back into text, and
+streams. The process imports no torch; `twolane serve` runs one or more of these
+(`--api-server-count`) beside the engine core and the job runner.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import grpc
 import structlog
 
-from twolane.scheduler.request import FinishReason, Priority, RequestOutput
-from twolane.services import convert
-from twolane.services.errors import (
-    NotConfiguredError,
-    RequestAbortedError,
-    RequestDeadlineError,
-    RequestFailedError,
-)
+from twolane.models.tokenizer import Tokenizer
+from twolane.scheduler.client import EngineClient
+from twolane.scheduler.protocol import EngineAddress
+from twolane.scheduler.request import Priority
+from twolane.services import convert, jobs, options
+from twolane.services.config import FrontendProcessConfig
+from twolane.services.errors import NotConfiguredError
+from twolane.services.generation import RequestOutput, generate
+from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
+from twolane.services.loop_lag import watch_loop_lag
+from twolane.services.process import run_process, signal_ready, stop_event
 from twolane.services.status import grpc_errors
-from twolane.services.validation import GenerateMessage, ModelLimits, validate_generate
+from twolane.services.validation import (
+    GenerateMessage,
+    ModelLimits,
+    validate_generate,
+)
 from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
-
-if TYPE_CHECKING:
-    from twolane.scheduler.async_engine import AsyncEngine
 
 log = structlog.get_logger(__name__)
 
@@ -37,12 +50,18 @@ _NO_JOBS = (
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """The public API over one engine and, when configured, a job service."""
+    """The public API over one engine core and, when configured, a job service."""
 
-    def __init__(self, engine: AsyncEngine, jobs: JobService | None = None) -> None:
+    def __init__(
+        self, engine: EngineClient, tokenizer: Tokenizer, jobs: JobService | None = None
+    ) -> None:
+        assert engine.info is not None, "the engine client must be ready"
         self._engine = engine
+        self._tokenizer = tokenizer
         self._jobs = jobs
-        self._limits = ModelLimits(vocab_size=engine.vocab_size, max_model_len=engine.max_model_len)
+        self._limits = ModelLimits(
+            vocab_size=engine.info.vocab_size, max_model_len=engine.info.max_model_len
+        )
 
     @grpc_errors
     async def Generate(
@@ -66,7 +85,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetStats(
         self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetStatsResponse:
-        return convert.stats_response(self._engine.stats())
+        return convert.stats_response(await self._engine.stats())
 
     @grpc_errors
     async def SubmitJob(
@@ -95,49 +114,32 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: GenerateMessage, context: grpc.aio.ServicerContext, stream: bool = True
     ) -> tuple[str, AsyncIterator[RequestOutput]]:
         """Validate and enqueue; returns the request id and its updates."""
-        valid = validate_generate(request, self._limits, self._engine.tokenizer.encode)
+        valid = validate_generate(request, self._limits, self._tokenizer.encode)
         request_id = uuid.uuid4().hex
-        stream = self._engine.add_request(
+        outputs = generate(
+            self._engine,
+            self._tokenizer,
             request_id,
-            prompt_token_ids=valid.prompt_token_ids,
-            params=valid.params,
-            priority=Priority.INTERACTIVE,
-            deadline_s=_deadline_s(context),
+            valid,
+            Priority.INTERACTIVE,
+            _deadline_s(context),
             stream=stream,
         )
-        # However the RPC ends (finished, cancelled, disconnected, deadline), the
-        # engine drops the request and its KV blocks come back. abort is idempotent.
-        context.add_done_callback(lambda _: self._engine.abort(request_id))
-        return request_id, self._updates(request_id, stream)
+        return request_id, self._logged(request_id, outputs)
 
-    async def _updates(
-        self, request_id: str, stream: AsyncIterator[RequestOutput]
+    async def _logged(
+        self, request_id: str, outputs: AsyncIterator[RequestOutput]
     ) -> AsyncIterator[RequestOutput]:
-        """The engine's updates, with an unsuccessful finish raised as a typed error."""
-        log.debug("request started", request_id=request_id)
-        try:
-            async for out in stream:
-                if out.finished:
-                    _raise_for_finish(request_id, out)
-                    log.info(
-                        "request finished",
-                        request_id=request_id,
-                        finish_reason=out.finish_reason.value if out.finish_reason else None,
-                        prompt_tokens=out.num_prompt_tokens,
-                        completion_tokens=out.num_output_tokens,
-                    )
-                yield out
-        finally:
-            self._engine.abort(request_id)
-
-
-def _raise_for_finish(request_id: str, out: RequestOutput) -> None:
-    if out.finish_reason is FinishReason.DEADLINE:
-        raise RequestDeadlineError(f"deadline exceeded (request {request_id})")
-    if out.finish_reason is FinishReason.ABORT:
-        raise RequestAbortedError(f"request {request_id} was aborted")
-    if out.finish_reason is FinishReason.ERROR:
-        raise RequestFailedError(f"the engine failed on request {request_id}: {out.error}")
+        async for out in outputs:
+            if out.finished:
+                log.info(
+                    "request finished",
+                    request_id=request_id,
+                    finish_reason=out.finish_reason.value if out.finish_reason else None,
+                    prompt_tokens=out.num_prompt_tokens,
+                    completion_tokens=out.num_output_tokens,
+                )
+            yield out
 
 
 def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
@@ -147,3 +149,54 @@ def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
     if remaining_s is None or remaining_s > _NO_DEADLINE_S:
         return None
     return time.monotonic() + remaining_s
+
+
+# ---- the process ------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "frontend",
+        help="(started by serve) the gRPC API over a running engine core",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    options.add_options(parser, FrontendProcessConfig)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_process(
+        "frontend", args, lambda a: options.from_args(FrontendProcessConfig, a), run_frontend
+    )
+
+
+async def run_frontend(config: FrontendProcessConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight calls and stop."""
+    stop = stop_event()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(watch_loop_lag("frontend"))
+        engine = EngineClient(EngineAddress(Path(config.child.ipc_dir)), name="frontend")
+        await engine.start()
+        stack.push_async_callback(engine.close)
+        info = await engine.wait_ready_unless(stop)
+        if info is None:
+            return
+        tokenizer = Tokenizer.from_dir(Path(info.model_dir))
+        limits = ModelLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len)
+        _, store = await jobs.start_job_store(
+            stack, config.jobs, jobs.model_validator(limits, tokenizer), name="twolane-frontend"
+        )
+        servicer = InferenceServicer(engine, tokenizer, store)
+        server = await start_grpc_server(
+            stack,
+            servicer,
+            config.listen,
+            reuse_port=config.reuse_port,
+            engine=engine,
+            pid=os.getpid(),
+        )
+        signal_ready(config.child.ready_fd)
+        await stop.wait()
+        log.info("draining", grace_period_s=config.listen.grace_period_s, port=server.port)
+    log.info("stopped")

@@ -1,11 +1,10 @@
-"""`twolane gateway` and `twolane worker`: the two lanes as separate processes on one NATS.
+"""`twolane gateway`: the public API without a model, in front of `twolane worker`s.
 
-A worker hosts an engine, consumes jobs from JetStream (many workers share the
-consumers) and serves InferenceService on its own port for the gateway. The
-gateway has no model: it keeps the public API, forwards Generate and
-GenerateStream to its workers in turn, skipping unreachable ones (`--worker
-HOST:PORT`, repeatable), sums their GetStats, and serves SubmitJob, GetResult and
-CancelJob from JetStream.
+A worker (see supervisor.py) hosts an engine core, consumes jobs from JetStream (many
+workers share the consumers) and serves InferenceService on its own port. The gateway
+keeps the public API: it forwards Generate and GenerateStream to its workers in turn,
+skipping unreachable ones (`--worker HOST:PORT`, repeatable), sums their GetStats, and
+serves SubmitJob, GetResult and CancelJob from JetStream.
 """
 
 from __future__ import annotations
@@ -20,20 +19,20 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
-from twolane.services import jobs
-from twolane.services.config import DEFAULT_PORT, JobsConfig, ServeConfig, env_default, env_flag
+from twolane.scheduler.config import option
+from twolane.services import jobs, options
+from twolane.services.config import JobsConfig, ListenConfig, LogConfig
 from twolane.services.errors import NotConfiguredError
+from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
-from twolane.services.logging import LOG_LEVELS
 from twolane.services.process import run_process, stop_event
-from twolane.services.serve import serve, start_grpc_server
 from twolane.services.status import grpc_errors
 from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
 
 log = structlog.get_logger(__name__)
 
 _NO_DEADLINE_S = 365 * 24 * 3600.0
-_NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): split processes share one NATS"
+_NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): the gateway and its workers share one NATS"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,110 +40,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "gateway",
         help="serve the public API; forward generation to workers, jobs to NATS",
         description="The public gRPC API without a model: interactive calls go to workers, "
-        "jobs to JetStream.",
+        "jobs to JetStream (on the NATS given by --nats-url; the gateway starts none).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    GatewayConfig.add_arguments(gateway)
+    options.add_options(gateway, GatewayConfig)
     gateway.set_defaults(func=gateway_main)
-    worker = subparsers.add_parser(
-        "worker",
-        help="host an engine: run jobs from NATS and serve the gateway",
-        description="An engine that consumes jobs from JetStream and serves InferenceService "
-        "for a gateway on --port.",
-    )
-    ServeConfig.add_arguments(worker)
-    worker.set_defaults(func=worker_main)
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """Everything `twolane gateway` needs.
+    """Everything `twolane gateway` needs; `jobs.nats_url` is required."""
 
-    Args:
-        host, port: where the public API listens (port 0 picks a free one).
-        workers: HOST:PORT of each worker's InferenceService, used in turn.
-        log_json, log_level, grace_period_s: as for `twolane serve`.
-        jobs: the batch lane; `jobs.nats_url` is required.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    workers: tuple[str, ...] = ()
-    log_json: bool = False
-    log_level: str = "info"
-    grace_period_s: float = 10.0
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    workers: tuple[str, ...] = option(
+        (),
+        "a worker's HOST:PORT, repeatable; used in turn, skipping unreachable ones "
+        "(env: comma separated)",
+        flag="worker",
+        env="TWOLANE_WORKERS",
+    )
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if not self.jobs.nats_url:
             raise ValueError(_NEEDS_NATS)
         for worker in self.workers:
             if ":" not in worker:
                 raise ValueError(f"--worker takes HOST:PORT, got {worker!r}")
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add = parser.add_argument
-        add("--host", default=env_default("TWOLANE_HOST", "127.0.0.1"), help="env TWOLANE_HOST")
-        add(
-            "--port",
-            type=int,
-            default=env_default("TWOLANE_PORT", str(DEFAULT_PORT)),
-            help="port; 0 picks a free one (env TWOLANE_PORT)",
-        )
-        add(
-            "--worker",
-            dest="workers",
-            action="append",
-            default=[w for w in env_default("TWOLANE_WORKERS", "").split(",") if w],
-            help="a worker's HOST:PORT, repeatable; used in turn, skipping unreachable "
-            "ones (env TWOLANE_WORKERS, comma separated)",
-        )
-        add("--log-json", action="store_true", default=env_flag("TWOLANE_LOG_JSON"))
-        add("--log-level", choices=LOG_LEVELS, default=env_default("TWOLANE_LOG_LEVEL", "info"))
-        add(
-            "--grace-period",
-            dest="grace_period_s",
-            type=float,
-            default=env_default("TWOLANE_GRACE_PERIOD_S", "10"),
-        )
-        JobsConfig.add_arguments(parser)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
-        return cls(
-            host=args.host,
-            port=args.port,
-            workers=tuple(args.workers),
-            log_json=args.log_json,
-            log_level=args.log_level,
-            grace_period_s=args.grace_period_s,
-            jobs=JobsConfig.from_args(args),
-        )
-
-
-# ---- the worker -----------------------------------------------------------------------
-
-
-def worker_main(args: argparse.Namespace) -> int:
-    return run_process("worker", args, _worker_config, serve)
-
-
-def _worker_config(args: argparse.Namespace) -> ServeConfig:
-    config = ServeConfig.from_args(args)
-    if not config.jobs.nats_url:
-        raise ValueError(_NEEDS_NATS)
-    return config
-
-
-# ---- the gateway ----------------------------------------------------------------------
-
 
 def gateway_main(args: argparse.Namespace) -> int:
-    return run_process("gateway", args, GatewayConfig.from_args, run_gateway)
+    return run_process("gateway", args, lambda a: options.from_args(GatewayConfig, a), run_gateway)
 
 
 async def run_gateway(config: GatewayConfig) -> None:
@@ -156,16 +83,9 @@ async def run_gateway(config: GatewayConfig) -> None:
         )
         servicer = GatewayServicer(config.workers, store)
         stack.push_async_callback(servicer.close)
-        await start_grpc_server(
-            stack,
-            servicer,
-            config.host,
-            config.port,
-            config.grace_period_s,
-            workers=list(config.workers),
-        )
+        await start_grpc_server(stack, servicer, config.listen, workers=list(config.workers))
         await stop.wait()
-        log.info("draining", grace_period_s=config.grace_period_s)
+        log.info("draining", grace_period_s=config.listen.grace_period_s)
     log.info("stopped")
 
 

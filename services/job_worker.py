@@ -26,20 +26,30 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from twolane.scheduler.errors import EngineStoppedError, InvalidRequestError
-from twolane.scheduler.request import FinishReason, Priority, RequestOutput
+from twolane.scheduler.errors import EngineStoppedError
+from twolane.scheduler.request import Priority
 from twolane.services import convert, jetstream
 from twolane.services.config import JobsConfig
+from twolane.services.errors import (
+    InvalidArgumentError,
+    RequestAbortedError,
+    RequestDeadlineError,
+    RequestFailedError,
+    UnavailableError,
+)
+from twolane.services.generation import RequestOutput, generate
 from twolane.services.job_store import (
     TERMINAL_STATES,
     JobStore,
     now_timestamp,
     parse_ticket,
 )
+from twolane.services.validation import ModelLimits, validate_generate
 from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
 
 if TYPE_CHECKING:
-    from twolane.scheduler.async_engine import AsyncEngine, EngineStats
+    from twolane.models.tokenizer import Tokenizer
+    from twolane.scheduler.client import EngineClient
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +60,9 @@ MAX_RETRY_BACKOFF_S = 60.0
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 # Below this share of free KV blocks the worker leaves the room to running work.
 MIN_FREE_BLOCKS_FRACTION = 0.02
+# A job whose engine core went away is given back after this long, so the restarted
+# core (or another worker) takes it without a hot redelivery loop.
+ENGINE_GONE_DELAY_S = 2.0
 
 
 class TransientJobError(Exception):
@@ -68,21 +81,33 @@ class JobWorker:
     Args:
         nc: a live NATS connection.
         store: the job records, results and events.
-        engine: the engine the jobs run on (priority = the job's tier).
+        engine: a ready client of the engine core the jobs run on (priority = the tier).
+        tokenizer: the engine's model's tokenizer, for prompts given as text.
         config: ack wait, deliveries, backoff, in-flight cap, fault injection.
         worker_id: names this worker in job records and logs.
     """
 
     def __init__(
-        self, nc: NATS, store: JobStore, engine: AsyncEngine, config: JobsConfig, worker_id: str
+        self,
+        nc: NATS,
+        store: JobStore,
+        engine: EngineClient,
+        tokenizer: Tokenizer,
+        config: JobsConfig,
+        worker_id: str,
     ) -> None:
+        assert engine.info is not None, "the engine client must be ready"
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.store = store
         self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = ModelLimits(
+            vocab_size=engine.info.vocab_size, max_model_len=engine.info.max_model_len
+        )
         self.config = config
         self.worker_id = worker_id
-        self.max_inflight = config.max_batch_inflight or engine.config.max_num_seqs
+        self.max_inflight = config.max_batch_inflight or engine.info.max_num_seqs
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._tasks: dict[asyncio.Task[None], str] = {}
         self._num_inflight_by_tier = dict.fromkeys(jetstream.TIERS, 0)
@@ -91,14 +116,13 @@ class JobWorker:
         self._room_changed = asyncio.Event()
         self._work_arrived = asyncio.Event()
         self._stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._pull_task: asyncio.Task[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
         self._core_subs: list[Subscription] = []
 
     # ---- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         for tier in jetstream.TIERS:
             self._subs[tier] = await self.js.pull_subscribe_bind(
                 jetstream.consumer_name(tier), stream=jetstream.JOBS_STREAM
@@ -114,7 +138,8 @@ class JobWorker:
                 cb=self._on_max_deliveries,
             ),
         ]
-        self.engine.add_stats_listener(self._on_engine_step)
+        self.engine.add_ready_listener(self._on_engine_ready)
+        self._load_task = asyncio.create_task(self._follow_load(), name="twolane-job-load")
         self._pull_task = asyncio.create_task(self._pull_loop(), name="twolane-job-pull")
         log.info("job worker started", worker_id=self.worker_id, max_inflight=self.max_inflight)
 
@@ -125,6 +150,8 @@ class JobWorker:
         self._work_arrived.set()
         if self._pull_task is not None:
             await self._pull_task
+        if self._load_task is not None:
+            self._load_task.cancel()
         tasks = list(self._tasks)
         if tasks:
             log.info("job worker draining", num_jobs=len(tasks), grace_period_s=grace_s)
@@ -141,11 +168,11 @@ class JobWorker:
 
     def room(self) -> int:
         """How many more jobs the engine should take now."""
-        stats = self.engine.stats()
-        if stats.num_waiting_interactive > 0:
+        load = self.engine.load
+        if not self.engine.is_ready or load is None or load.num_waiting_interactive > 0:
             return 0
-        min_free = max(1, int(stats.num_total_blocks * MIN_FREE_BLOCKS_FRACTION))
-        if stats.num_free_blocks < min_free:
+        min_free = max(1, int(load.num_total_blocks * MIN_FREE_BLOCKS_FRACTION))
+        if load.num_free_blocks < min_free:
             return 0
         return max(0, self.max_inflight - len(self._tasks))
 
@@ -203,11 +230,18 @@ class JobWorker:
         self._num_inflight_by_tier[tier] -= 1
         self._room_changed.set()
 
-    def _on_engine_step(self, stats: EngineStats) -> None:
-        # On the engine thread; the pull loop only listens while it waits for room.
-        if self._loop is not None and not self._stopping and not self._room_changed.is_set():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._room_changed.set)
+    async def _follow_load(self) -> None:
+        """Every load the engine core publishes (after its steps) may mean room."""
+        while True:
+            await self.engine.wait_load_change(IDLE_POLL_S)
+            self._room_changed.set()
+
+    def _on_engine_ready(self, ready: bool) -> None:
+        if ready:
+            log.info("engine back; pulling jobs again", worker_id=self.worker_id)
+        else:
+            log.warning("engine gone; no jobs pulled until it is back", worker_id=self.worker_id)
+        self._room_changed.set()
 
     async def _on_new_job(self, msg: Msg) -> None:
         self._work_arrived.set()
@@ -292,15 +326,22 @@ class JobWorker:
         started_s = time.monotonic()
         try:
             outputs = await self._generate(running.request_id, tier, record)
-        except InvalidRequestError as exc:
+        except InvalidArgumentError as exc:
             # It can never succeed: fail it now rather than retry it.
             await self._finish(job_id, jobs_pb2.JOB_STATE_FAILED, f"invalid request: {exc}")
             await msg.term()
             return
-        except EngineStoppedError:
-            await msg.nak()
+        except RequestDeadlineError:
+            await self._finish(job_id, jobs_pb2.JOB_STATE_EXPIRED, "the deadline passed")
+            await msg.ack()
             return
-        except TransientJobError as exc:
+        except RequestAbortedError:
+            await self._settle_abort(msg, job_id, running)
+            return
+        except (EngineStoppedError, UnavailableError) as exc:
+            await self._give_back(msg, job_id, str(exc))
+            return
+        except (TransientJobError, RequestFailedError) as exc:
             await self._retry_or_dead_letter(msg, tier, job_id, str(exc))
             return
         finally:
@@ -308,38 +349,34 @@ class JobWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._running.pop(job_id, None)
-        await self._conclude(msg, tier, job_id, running, outputs, time.monotonic() - started_s)
+        result = convert.generate_response(job_id, outputs, time.monotonic() - started_s)
+        await self._finish(job_id, jobs_pb2.JOB_STATE_SUCCEEDED, "", result)
+        await msg.ack()
+        log.info("job succeeded", job_id=job_id, completion_tokens=outputs[-1].num_output_tokens)
 
-    async def _conclude(
-        self,
-        msg: Msg,
-        tier: str,
-        job_id: str,
-        running: _Running,
-        outputs: list[RequestOutput],
-        total_time_s: float,
-    ) -> None:
-        final = outputs[-1]
-        reason = final.finish_reason
-        if reason in (FinishReason.STOP, FinishReason.LENGTH):
-            result = convert.generate_response(job_id, outputs, total_time_s)
-            await self._finish(job_id, jobs_pb2.JOB_STATE_SUCCEEDED, "", result)
-            await msg.ack()
-            log.info("job succeeded", job_id=job_id, completion_tokens=final.num_output_tokens)
-        elif reason is FinishReason.DEADLINE:
-            await self._finish(job_id, jobs_pb2.JOB_STATE_EXPIRED, "the deadline passed")
-            await msg.ack()
-        elif reason is FinishReason.ABORT:
-            stored = await self.store.read(job_id)
-            if running.cancelled or (
-                stored is not None and stored.record.state == jobs_pb2.JOB_STATE_CANCELLED
-            ):
-                await msg.ack()  # the canceller wrote the state and the event
-                log.info("job aborted after cancel", job_id=job_id)
-            else:
-                await msg.nak()  # the engine is stopping; another worker takes it
+    async def _settle_abort(self, msg: Msg, job_id: str, running: _Running) -> None:
+        stored = await self.store.read(job_id)
+        if running.cancelled or (
+            stored is not None and stored.record.state == jobs_pb2.JOB_STATE_CANCELLED
+        ):
+            await msg.ack()  # the canceller wrote the state and the event
+            log.info("job aborted after cancel", job_id=job_id)
         else:
-            await self._retry_or_dead_letter(msg, tier, job_id, final.error or "the engine failed")
+            await msg.nak()  # the engine is stopping; another worker takes it
+
+    async def _give_back(self, msg: Msg, job_id: str, reason: str) -> None:
+        """The engine core went away mid-job: queue the job again, not as its failure."""
+
+        def requeue(record: job_record_pb2.JobRecord) -> bool:
+            if record.state != jobs_pb2.JOB_STATE_RUNNING:
+                return False
+            record.state = jobs_pb2.JOB_STATE_QUEUED
+            return True
+
+        with contextlib.suppress(Exception):
+            await self.store.transition(job_id, requeue)
+        log.warning("job given back", job_id=job_id, retry_in_s=ENGINE_GONE_DELAY_S, error=reason)
+        await msg.nak(delay=ENGINE_GONE_DELAY_S)
 
     async def _generate(
         self, request_id: str, tier: str, record: job_record_pb2.JobRecord
@@ -348,21 +385,17 @@ class JobWorker:
         prefix = self.config.fail_prompt_prefix
         if prefix and request.prompt.startswith(prefix):
             raise TransientJobError("fault injected by TWOLANE_FAULT_FAIL_PROMPT_PREFIX")
-        try:
-            params = convert.sampling_params(request.params)
-        except ValueError as exc:
-            raise InvalidRequestError("request.params", str(exc)) from exc
-        stream = self.engine.add_request(
+        valid = validate_generate(request, self.limits, self.tokenizer.encode, prefix="request.")
+        updates = generate(
+            self.engine,
+            self.tokenizer,
             request_id,
-            prompt=request.prompt or None,
-            prompt_token_ids=list(request.prompt_token_ids) or None,
-            params=params,
-            priority=Priority[tier.upper()],
-            deadline_s=_engine_deadline_s(record),
+            valid,
+            Priority[tier.upper()],
+            _engine_deadline_s(record),
             stream=False,  # a job needs only its result, not every token as it comes
         )
-        async with stream:
-            return [out async for out in stream]
+        return [out async for out in updates]
 
     async def _heartbeat(self, msg: Msg, job_id: str, running: _Running) -> None:
         """Keep the message ours while the job runs; notice a cancel we missed."""

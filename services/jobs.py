@@ -21,7 +21,8 @@ from twolane.services.validation import ModelLimits, validate_generate
 from twolane.v1 import generate_pb2, jobs_pb2
 
 if TYPE_CHECKING:
-    from twolane.scheduler.async_engine import AsyncEngine
+    from twolane.models.tokenizer import Tokenizer
+    from twolane.scheduler.client import EngineClient
 
 log = structlog.get_logger(__name__)
 
@@ -52,12 +53,11 @@ class JobService(Protocol):
     ) -> jobs_pb2.CancelJobResponse: ...
 
 
-def model_validator(engine: AsyncEngine) -> Validator:
+def model_validator(limits: ModelLimits, tokenizer: Tokenizer) -> Validator:
     """Checks a job's request against the engine's model, as Generate does."""
-    limits = ModelLimits(vocab_size=engine.vocab_size, max_model_len=engine.max_model_len)
 
     def validate(request: generate_pb2.GenerateRequest) -> None:
-        validate_generate(request, limits, engine.tokenizer.encode, prefix="request.")
+        validate_generate(request, limits, tokenizer.encode, prefix="request.")
 
     return validate
 
@@ -134,13 +134,14 @@ async def start_job_worker(
     stack: contextlib.AsyncExitStack,
     nc: NATS,
     store: JobStore,
-    engine: AsyncEngine,
+    engine: EngineClient,
+    tokenizer: Tokenizer,
     config: JobsConfig,
     grace_period_s: float,
 ) -> None:
     from twolane.services.job_worker import JobWorker
 
-    worker = JobWorker(nc, store, engine, config, worker_id=default_worker_id())
+    worker = JobWorker(nc, store, engine, tokenizer, config, worker_id=default_worker_id())
     await worker.start()
     stack.push_async_callback(worker.stop, grace_period_s)
 

@@ -10,8 +10,14 @@ import structlog
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def configure_logging(*, json: bool, level: str = "info") -> None:
-    """Send structured logs to stderr, one event per line."""
+def configure_logging(*, json: bool, level: str = "info", process: str | None = None) -> None:
+    """Send structured logs to stderr, one event per line.
+
+    `process` names the process's role (`frontend`, `jobs`, ...) on every line, since the
+    processes of one `twolane serve` share its stderr. Tracebacks are rendered plainly,
+    never with local variables: those hold requests and would put prompts in the log,
+    and rendering them is slow enough to stall the process (seconds for a large request).
+    """
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -20,7 +26,14 @@ def configure_logging(*, json: bool, level: str = "info") -> None:
     if json:
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+        processors.append(
+            structlog.dev.ConsoleRenderer(
+                colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+            )
+        )
+    structlog.contextvars.clear_contextvars()
+    if process is not None:
+        structlog.contextvars.bind_contextvars(process=process)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -45,17 +45,17 @@ def nats_server_binary() -> str:
     return found
 
 
-def _death_signal_hook() -> Callable[[], None] | None:
-    """A preexec hook that has Linux SIGTERM the child when its parent dies, even by
-    SIGKILL, so a killed `twolane serve` leaves no nats-server behind. The C function
-    is looked up here, in the parent, so the hook runs nothing but the call."""
+def death_signal_hook(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec hook that has Linux send `sig` to the child when its parent dies, even by
+    SIGKILL, so a killed `twolane serve` leaves no process behind. The C function is
+    looked up here, in the parent, so the hook runs nothing but the call."""
     if sys.platform != "linux":
         return None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
-    return functools.partial(prctl, _PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    return functools.partial(prctl, _PR_SET_PDEATHSIG, int(sig))
 
 
 class EmbeddedNats:
@@ -110,7 +110,7 @@ class EmbeddedNats:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_death_signal_hook(),
+            preexec_fn=death_signal_hook(),
             # The child holds the data-dir lock too, until it has flushed and exited.
             pass_fds=(self._lock_file.fileno(),) if self._lock_file else (),
         )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -17,9 +19,14 @@ from twolane.services.logging import configure_logging
 log = structlog.get_logger(__name__)
 
 
-class ProcessConfig(Protocol):
+class _Log(Protocol):
     log_json: bool
     log_level: str
+
+
+class ProcessConfig(Protocol):
+    @property
+    def log(self) -> _Log: ...
 
 
 C = TypeVar("C", bound=ProcessConfig)
@@ -38,7 +45,7 @@ def run_process(
     except ValueError as exc:
         print(f"twolane {name}: {exc}", file=sys.stderr)
         return 2
-    configure_logging(json=config.log_json, level=config.log_level)
+    configure_logging(json=config.log.log_json, level=config.log.log_level, process=name)
     try:
         asyncio.run(run(config))
     except (OSError, ValueError) as exc:
@@ -54,6 +61,15 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def signal_ready(fd: int) -> None:
+    """Tell the supervisor this child is ready: one line on the pipe it passed, then close."""
+    if fd < 0:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, b"ready\n")
+        os.close(fd)
 
 
 def keep_freed_memory() -> None:

@@ -1,4 +1,4 @@
-"""Block manager: allocation, ref counts, prefix cache, eviction order, fork, free."""
+"""Block manager: allocation, ref counts, prefix cache, eviction order, free."""
 
 from __future__ import annotations
 
@@ -118,23 +118,6 @@ def test_hit_on_a_free_cached_block_removes_it_from_the_free_list() -> None:
     assert prefix.block_ids == (0,)
     assert bm.allocate(b, 2, prefix)
     assert 0 not in bm.free_blocks
-    bm.check_invariants()
-
-
-def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
-    bm = BlockManager(num_blocks=8, block_size=4)
-    parent = make_seq(list(range(6)))
-    compute_all(bm, parent)
-    child = make_seq(list(range(6)))
-    copies = bm.fork(parent, child)
-    assert copies is not None
-    assert child.block_table[0] == parent.block_table[0]
-    assert child.block_table[1] != parent.block_table[1]
-    assert [(c.src, c.dst) for c in copies] == [(parent.block_table[1], child.block_table[1])]
-    assert bm.blocks[parent.block_table[0]].ref_count == 2
-    bm.free(parent)
-    bm.free(child)
-    assert bm.num_free_blocks == 8
     bm.check_invariants()
 
 

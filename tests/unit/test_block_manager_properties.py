@@ -51,16 +51,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
-    def fork(self, data: st.DataObject) -> None:
-        parent = data.draw(st.sampled_from(self.live))
-        child = Sequence(
-            f"s{next(_ids)}", list(parent.token_ids), SamplingParams(), Priority.BULK, 0, 0.0
-        )
-        if self.bm.fork(parent, child) is not None:
-            self.live.append(child)
-
-    @precondition(lambda self: self.live)
-    @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
         seq = data.draw(st.sampled_from(self.live))
         self.live.remove(seq)

@@ -9,40 +9,37 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_driver import Collected, collect, run_staggered
+from engine_driver import Collected, add, collect, drain, run_staggered
 
 from twolane.models.builtin import builtin_model_dir
 from twolane.scheduler.config import EngineConfig
-from twolane.scheduler.engine import LLMEngine
-from twolane.scheduler.errors import InvalidRequestError
-from twolane.scheduler.request import FinishReason, Priority, SamplingParams
+from twolane.scheduler.engine import EngineCore
+from twolane.scheduler.request import ErrorCode, FinishReason, Priority, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(model="builtin", num_blocks=64, block_size=8))
+def engine() -> EngineCore:
+    return EngineCore(EngineConfig(model="builtin", num_blocks=64, block_size=8))
 
 
 def greedy(max_tokens: int, **kw: object) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw)  # type: ignore[arg-type]
 
 
-def drain(engine: LLMEngine) -> dict[str, Collected]:
-    results: dict[str, Collected] = {}
-    while engine.has_unfinished:
-        collect(results, engine.step())
-    return results
+def tokens(text: str) -> list[int]:
+    """The built-in model's byte-level token ids of `text`."""
+    return list(text.encode())
 
 
-def assert_no_blocks_held(engine: LLMEngine) -> None:
+def assert_no_blocks_held(engine: EngineCore) -> None:
     assert engine.block_manager.num_used_blocks == 0
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
     engine.block_manager.check_invariants()
 
 
-def test_abort_mid_generation_returns_every_block(engine: LLMEngine) -> None:
-    engine.add_request("keep", prompt="a" * 30, params=greedy(20))
-    engine.add_request("drop", prompt="b" * 30, params=greedy(20))
+def test_abort_mid_generation_returns_every_block(engine: EngineCore) -> None:
+    add(engine, "keep", tokens("a" * 30), greedy(20))
+    add(engine, "drop", tokens("b" * 30), greedy(20))
     for _ in range(3):
         engine.step()
     used_before = engine.block_manager.num_used_blocks
@@ -55,17 +52,17 @@ def test_abort_mid_generation_returns_every_block(engine: LLMEngine) -> None:
     assert_no_blocks_held(engine)
 
 
-def test_abort_while_waiting_returns_nothing_to_do(engine: LLMEngine) -> None:
-    engine.add_request("waiting", prompt="xyz", params=greedy(5))
+def test_abort_while_waiting_returns_nothing_to_do(engine: EngineCore) -> None:
+    add(engine, "waiting", tokens("xyz"), greedy(5))
     final = engine.abort("waiting")
     assert final is not None and final.new_token_ids == []
     assert not engine.has_unfinished
     assert_no_blocks_held(engine)
 
 
-def test_expired_request_is_dropped_before_it_costs_a_step(engine: LLMEngine) -> None:
+def test_expired_request_is_dropped_before_it_costs_a_step(engine: EngineCore) -> None:
     steps_before = engine.num_steps
-    engine.add_request("late", prompt="hello", params=greedy(5), deadline_s=time.monotonic() - 1)
+    add(engine, "late", tokens("hello"), greedy(5), deadline_s=time.monotonic() - 1)
     results = drain(engine)
     assert results["late"].finish_reason is FinishReason.DEADLINE
     assert results["late"].token_ids == []
@@ -73,8 +70,9 @@ def test_expired_request_is_dropped_before_it_costs_a_step(engine: LLMEngine) ->
     assert_no_blocks_held(engine)
 
 
-def test_deadline_mid_generation_finishes_with_deadline_reason(engine: LLMEngine) -> None:
-    seq = engine.add_request("slow", prompt="hello", params=greedy(50))
+def test_deadline_mid_generation_finishes_with_deadline_reason(engine: EngineCore) -> None:
+    add(engine, "slow", tokens("hello"), greedy(50))
+    seq = engine._requests["slow"].seq
     results: dict[str, Collected] = {}
     for _ in range(3):
         collect(results, engine.step())
@@ -87,9 +85,9 @@ def test_deadline_mid_generation_finishes_with_deadline_reason(engine: LLMEngine
 
 
 def test_preempted_requests_resume_and_release_their_blocks() -> None:
-    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=12, block_size=4))
+    engine = EngineCore(EngineConfig(model="builtin", num_blocks=12, block_size=4))
     prompts = [list(range(10 + i, 20 + i)) for i in range(4)]
-    reference = LLMEngine(EngineConfig(model="builtin", num_blocks=256)).generate(
+    reference = EngineCore(EngineConfig(model="builtin", num_blocks=256)).generate(
         prompts, greedy(16)
     )
     results = run_staggered(engine, prompts, [greedy(16)] * 4, [0, 0, 1, 2])
@@ -99,7 +97,7 @@ def test_preempted_requests_resume_and_release_their_blocks() -> None:
 
 
 def test_interactive_goes_before_batch_and_fcfs_within_a_class() -> None:
-    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=64, max_num_seqs=1))
+    engine = EngineCore(EngineConfig(model="builtin", num_blocks=64, max_num_seqs=1))
     for name, prio in [
         ("bulk", Priority.BULK),
         ("std1", Priority.STANDARD),
@@ -107,7 +105,7 @@ def test_interactive_goes_before_batch_and_fcfs_within_a_class() -> None:
         ("std2", Priority.STANDARD),
         ("chat", Priority.INTERACTIVE),
     ]:
-        engine.add_request(name, prompt="hi", params=greedy(2), priority=prio)
+        add(engine, name, tokens("hi"), greedy(2), prio)
     order: list[str] = []
     while engine.has_unfinished:
         for out in engine.step():
@@ -117,17 +115,11 @@ def test_interactive_goes_before_batch_and_fcfs_within_a_class() -> None:
 
 
 def test_lowest_class_newest_sequence_is_the_preemption_victim() -> None:
-    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=8, block_size=4))
-    engine.add_request(
-        "std-old", prompt_token_ids=[1] * 7, params=greedy(20), priority=Priority.STANDARD
-    )
-    engine.add_request(
-        "bulk-old", prompt_token_ids=[2] * 7, params=greedy(20), priority=Priority.BULK
-    )
-    engine.add_request(
-        "bulk-new", prompt_token_ids=[3] * 7, params=greedy(20), priority=Priority.BULK
-    )
-    engine.add_request("chat", prompt_token_ids=[4] * 7, params=greedy(20))
+    engine = EngineCore(EngineConfig(model="builtin", num_blocks=8, block_size=4))
+    add(engine, "std-old", [1] * 7, greedy(20), priority=Priority.STANDARD)
+    add(engine, "bulk-old", [2] * 7, greedy(20), priority=Priority.BULK)
+    add(engine, "bulk-new", [3] * 7, greedy(20), priority=Priority.BULK)
+    add(engine, "chat", [4] * 7, greedy(20))
     preempted: list[str] = []
     while not preempted:
         out = engine.scheduler.schedule(time.monotonic())
@@ -140,45 +132,33 @@ def test_lowest_class_newest_sequence_is_the_preemption_victim() -> None:
     assert preempted[0] == "bulk-new"
 
 
-def test_stop_string_cuts_the_text_and_stops(engine: LLMEngine) -> None:
-    engine.add_request("free", prompt="The cat", params=greedy(24))
-    text = drain(engine)["free"].text
-    stop = text[8:11]
-    assert len(stop) == 3 and stop not in text[:8]
-    engine.add_request("stopped", prompt="The cat", params=greedy(24, stop=(stop,)))
+def test_stop_token_id_stops_after_that_token(engine: EngineCore) -> None:
+    add(engine, "free", tokens("The dog"), greedy(12))
+    free = drain(engine)["free"].token_ids
+    add(engine, "stopped", tokens("The dog"), greedy(12, stop_token_ids=(free[4],)))
     got = drain(engine)["stopped"]
     assert got.finish_reason is FinishReason.STOP
-    assert got.text == text[: text.index(stop)]
-    assert_no_blocks_held(engine)
-
-
-def test_stop_token_id_stops_after_that_token(engine: LLMEngine) -> None:
-    engine.add_request("free", prompt="The dog", params=greedy(12))
-    tokens = drain(engine)["free"].token_ids
-    engine.add_request("stopped", prompt="The dog", params=greedy(12, stop_token_ids=(tokens[4],)))
-    got = drain(engine)["stopped"]
-    assert got.finish_reason is FinishReason.STOP
-    assert got.token_ids == tokens[: tokens.index(tokens[4]) + 1]
+    assert got.token_ids == free[: free.index(free[4]) + 1]
 
 
 def test_eos_stops_generation(tmp_path: Path) -> None:
     # A copy of the built-in model whose EOS is a token greedy decoding emits.
-    probe = LLMEngine(EngineConfig(model="builtin", num_blocks=32))
-    tokens = probe.generate([[72, 105]], greedy(10))[0]
+    probe = EngineCore(EngineConfig(model="builtin", num_blocks=32))
+    free = probe.generate([[72, 105]], greedy(10))[0]
     model_dir = tmp_path / "eos-model"
     shutil.copytree(builtin_model_dir(), model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config["eos_token_id"] = tokens[3]
+    config["eos_token_id"] = free[3]
     (model_dir / "config.json").write_text(json.dumps(config))
-    engine = LLMEngine(EngineConfig(model=str(model_dir), num_blocks=32))
-    engine.add_request("eos", prompt_token_ids=[72, 105], params=SamplingParams(max_tokens=10))
+    engine = EngineCore(EngineConfig(model=str(model_dir), num_blocks=32))
+    add(engine, "eos", [72, 105], SamplingParams(max_tokens=10))
     got = drain(engine)["eos"]
     assert got.finish_reason is FinishReason.STOP
-    assert got.token_ids == tokens[: tokens.index(tokens[3]) + 1]
+    assert got.token_ids == free[: free.index(free[3]) + 1]
 
 
-def test_max_tokens_finishes_with_length(engine: LLMEngine) -> None:
-    engine.add_request("short", prompt="abc", params=greedy(3))
+def test_max_tokens_finishes_with_length(engine: EngineCore) -> None:
+    add(engine, "short", tokens("abc"), greedy(3))
     got = drain(engine)["short"]
     assert got.finish_reason is FinishReason.LENGTH
     assert len(got.token_ids) == 3
@@ -186,11 +166,11 @@ def test_max_tokens_finishes_with_length(engine: LLMEngine) -> None:
     assert got.outputs[-1].num_prompt_tokens == 3
 
 
-def test_logprobs_are_the_log_softmax_of_the_model_logits(engine: LLMEngine) -> None:
+def test_logprobs_are_the_log_softmax_of_the_model_logits(engine: EngineCore) -> None:
     from transformers import AutoModelForCausalLM
 
     prompt = [10, 20, 30, 40]
-    engine.add_request("lp", prompt_token_ids=prompt, params=greedy(5, logprobs=True))
+    add(engine, "lp", prompt, greedy(5, logprobs=True))
     got = drain(engine)["lp"]
     hf = AutoModelForCausalLM.from_pretrained(builtin_model_dir(), dtype=torch.float32)
     with torch.no_grad():
@@ -200,38 +180,40 @@ def test_logprobs_are_the_log_softmax_of_the_model_logits(engine: LLMEngine) -> 
     torch.testing.assert_close(torch.tensor(got.logprobs), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_streamed_text_never_splits_a_multibyte_character(engine: LLMEngine) -> None:
-    # Byte-level tokens: each character of "é✓" spans several tokens.
-    engine.add_request("utf8", prompt="x", params=greedy(12))
-    pieces = [o.new_text for o in drain(engine)["utf8"].outputs]
-    for piece in pieces:
-        piece.encode("utf-8")  # a lone surrogate or split character would not round-trip
-        assert "\ufffd" not in piece or piece is pieces[-1]
-
-
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("prompt", "params", "problem"),
     [
-        ({"prompt": ""}, "prompt"),
-        ({"prompt": "a", "prompt_token_ids": [1]}, "prompt"),
-        ({"prompt_token_ids": [1, 10_000]}, "prompt_token_ids"),
-        ({"prompt_token_ids": [1] * 5000}, "prompt"),
-        (
-            {"prompt": "a", "params": SamplingParams(max_tokens=100_000)},
-            "sampling_params.max_tokens",
-        ),
+        ([], SamplingParams(), "no tokens"),
+        ([1, 10_000], SamplingParams(), "outside the vocabulary"),
+        ([1] * 5000, SamplingParams(), "context length"),
+        ([1], SamplingParams(max_tokens=0), "max_tokens"),
     ],
 )
-def test_invalid_requests_name_the_field(engine: LLMEngine, kwargs: dict, field: str) -> None:
-    with pytest.raises(InvalidRequestError) as err:
-        engine.add_request("bad", **kwargs)
-    assert err.value.field == field
+def test_a_request_the_core_cannot_run_is_refused_without_harm(
+    engine: EngineCore, prompt: list[int], params: SamplingParams, problem: str
+) -> None:
+    """The frontend's validator keeps such requests away; the core still never breaks on one."""
+    refused = add(engine, "bad", prompt, params)
+    assert refused is not None and refused.finish_reason is FinishReason.ERROR
+    assert refused.error_code is ErrorCode.REJECTED and problem in (refused.error or "")
     assert not engine.has_unfinished
+    assert_no_blocks_held(engine)
+
+
+def test_a_full_interactive_queue_refuses_with_queue_full() -> None:
+    engine = EngineCore(EngineConfig(model="builtin", num_blocks=64, max_waiting_interactive=2))
+    assert add(engine, "a", [1, 2]) is None
+    assert add(engine, "b", [1, 2]) is None
+    refused = add(engine, "c", [1, 2])
+    assert refused is not None and refused.error_code is ErrorCode.QUEUE_FULL
+    assert add(engine, "job", [1, 2], priority=Priority.BULK) is None  # batch work still queues
+    drain(engine)
+    assert add(engine, "d", [1, 2]) is None
 
 
 def test_bfloat16_runs_on_cpu() -> None:
-    engine = LLMEngine(EngineConfig(model="builtin", dtype="bfloat16", num_blocks=32))
-    fp32 = LLMEngine(EngineConfig(model="builtin", num_blocks=32))
+    engine = EngineCore(EngineConfig(model="builtin", dtype="bfloat16", num_blocks=32))
+    fp32 = EngineCore(EngineConfig(model="builtin", num_blocks=32))
     prompt = [[ord(c) for c in "Hello there"]]
     out = engine.generate(prompt, greedy(6))[0]
     assert len(out) == 6

@@ -10,7 +10,7 @@ from checkpoints import VOCAB_SIZE, hf_greedy
 from engine_driver import record_schedules, run_staggered
 
 from twolane.scheduler.config import EngineConfig
-from twolane.scheduler.engine import LLMEngine
+from twolane.scheduler.engine import EngineCore
 from twolane.scheduler.request import Priority, SamplingParams
 
 PROMPT_LENGTHS = [1, 2, 3, 5, 7, 8, 9, 13, 16, 17, 24, 31, 33, 40, 47, 64, 70, 4]
@@ -41,7 +41,7 @@ def references(llama_dir: Path, qwen2_dir: Path) -> dict[str, list[list[int]]]:
 
 
 def check_against_reference(
-    engine: LLMEngine, reference: list[list[int]], mid_step: bool = False
+    engine: EngineCore, reference: list[list[int]], mid_step: bool = False
 ) -> None:
     params, arrivals = staggered_params()
     urgent = record_schedules(engine, urgent=True)
@@ -71,7 +71,7 @@ def test_greedy_matches_transformers_with_staggered_arrivals(
     references: dict[str, list[list[int]]],
 ) -> None:
     model_dir = request.getfixturevalue(f"{arch}_dir")
-    engine = LLMEngine(EngineConfig(model=str(model_dir), num_blocks=256))
+    engine = EngineCore(EngineConfig(model=str(model_dir), num_blocks=256))
     check_against_reference(engine, references[arch], mid_step)
 
 
@@ -87,7 +87,7 @@ def test_greedy_matches_transformers_under_chunked_prefill_and_preemption(
     config = EngineConfig(
         model=str(model_dir), block_size=4, num_blocks=40, max_num_batched_tokens=16
     )
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     schedules = record_schedules(engine)
     check_against_reference(engine, references[arch], mid_step)
     assert engine.stats().num_preemptions > 0, "the cache was meant to run out"
@@ -105,7 +105,7 @@ def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(llama_dir: Path) -> Non
     first = [*shared, 1, 2, 3]
     second = [*shared, 9, 8]
     reference = hf_greedy(llama_dir, [first, second], 8)
-    engine = LLMEngine(EngineConfig(model=str(llama_dir), num_blocks=64, block_size=8))
+    engine = EngineCore(EngineConfig(model=str(llama_dir), num_blocks=64, block_size=8))
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     results = run_staggered(engine, [first, second], [params, params], [0, 20])
     assert results["req-0"].token_ids == reference[0]
@@ -120,10 +120,10 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch_of_16(llama_dir: Path)
     sampled = SamplingParams(
         max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=1234, ignore_eos=True
     )
-    alone = LLMEngine(EngineConfig(model=str(llama_dir), num_blocks=128))
+    alone = EngineCore(EngineConfig(model=str(llama_dir), num_blocks=128))
     solo = run_staggered(alone, [prompts[5]], [sampled], [0])["req-0"].token_ids
 
-    batch = LLMEngine(EngineConfig(model=str(llama_dir), num_blocks=256))
+    batch = EngineCore(EngineConfig(model=str(llama_dir), num_blocks=256))
     params = [
         SamplingParams(max_tokens=6 + i, temperature=1.0, seed=i, ignore_eos=True)
         for i in range(16)
@@ -135,5 +135,5 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch_of_16(llama_dir: Path)
     other = SamplingParams(
         max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=99, ignore_eos=True
     )
-    third = LLMEngine(EngineConfig(model=str(llama_dir), num_blocks=128))
+    third = EngineCore(EngineConfig(model=str(llama_dir), num_blocks=128))
     assert run_staggered(third, [prompts[5]], [other], [0])["req-0"].token_ids != solo

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from twolane.services import options
 from twolane.services.cli import build_parser
 from twolane.services.config import JobsConfig, ServeConfig
+from twolane.services.gateway import GatewayConfig
 from twolane.services.job_cli import BatchInputError, parse_batch
-from twolane.services.split import GatewayConfig
 from twolane.v1 import jobs_pb2
 
 
@@ -47,9 +48,12 @@ def test_bad_job_settings_are_refused(change: dict[str, object]) -> None:
 
 def test_the_gateway_needs_a_nats_url_and_takes_repeated_workers() -> None:
     with pytest.raises(ValueError, match="--nats-url"):
-        GatewayConfig.from_args(build_parser().parse_args(["gateway"]))
+        options.from_args(GatewayConfig, build_parser().parse_args(["gateway"]))
     args = ["gateway", "--nats-url", "nats://n:1", "--worker", "a:1", "--worker", "b:2"]
-    assert GatewayConfig.from_args(build_parser().parse_args(args)).workers == ("a:1", "b:2")
+    assert options.from_args(GatewayConfig, build_parser().parse_args(args)).workers == (
+        "a:1",
+        "b:2",
+    )
 
 
 def test_batch_reads_openai_batch_lines_and_flat_lines() -> None:

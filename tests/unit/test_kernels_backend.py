@@ -67,8 +67,11 @@ def test_triton_backend_matches_torch_backend(
     query, key, value, k_cache, v_cache, meta = _step(case, query_lens, prefix_lens, seed=0)
     query = query[: int(meta.query_start_loc[-1])]  # no query row for the padding token
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    expected = TorchAttentionBackend().forward(query, key, value, k_ref, v_ref, meta, 0.125)
-    out = TritonAttentionBackend().forward(query, key, value, k_cache, v_cache, meta, 0.125)
+    torch_backend, triton_backend = TorchAttentionBackend(), TritonAttentionBackend()
+    torch_meta = torch_backend.prepare(meta, case.block_size)
+    triton_meta = triton_backend.prepare(meta, case.block_size)
+    expected = torch_backend.forward(query, key, value, k_ref, v_ref, torch_meta, 0.125)
+    out = triton_backend.forward(query, key, value, k_cache, v_cache, triton_meta, 0.125)
     torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0)
     torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0)
     torch.testing.assert_close(out, expected, **TOLERANCES[case.dtype])

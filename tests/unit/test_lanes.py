@@ -4,34 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine_driver import collect, record_schedules
+from engine_driver import add, collect, record_schedules
 
 from twolane.scheduler.config import EngineConfig
-from twolane.scheduler.engine import LLMEngine
+from twolane.scheduler.engine import EngineCore
 from twolane.scheduler.request import FinishReason, Priority, SamplingParams
 
 BATCH_PARAMS = SamplingParams(max_tokens=40, ignore_eos=True)
 
 
-def fill_with_batch(engine: LLMEngine, num_seqs: int, prompt_len: int = 20) -> None:
+def fill_with_batch(engine: EngineCore, num_seqs: int, prompt_len: int = 20) -> None:
     for i in range(num_seqs):
-        engine.add_request(
+        add(
+            engine,
             f"job-{i}",
-            prompt_token_ids=[(7 * i + j) % 250 for j in range(prompt_len)],
-            params=BATCH_PARAMS,
-            priority=(Priority.URGENT, Priority.STANDARD, Priority.BULK)[i % 3],
+            [(7 * i + j) % 250 for j in range(prompt_len)],
+            BATCH_PARAMS,
+            (Priority.URGENT, Priority.STANDARD, Priority.BULK)[i % 3],
         )
     for _ in range(3):
         engine.step()
 
 
-def add_interactive(engine: LLMEngine) -> None:
-    engine.add_request(
-        "chat", prompt_token_ids=[1, 2, 3, 4, 5], params=SamplingParams(max_tokens=4)
-    )
+def add_interactive(engine: EngineCore) -> None:
+    add(engine, "chat", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4))
 
 
-def engine_with_a_full_cache() -> LLMEngine:
+def engine_with_a_full_cache() -> EngineCore:
     config = EngineConfig(
         model="builtin",
         num_blocks=12,
@@ -39,12 +38,12 @@ def engine_with_a_full_cache() -> LLMEngine:
         reserved_block_fraction=0.0,
         max_batch_share=1.0,
     )
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     fill_with_batch(engine, 4, prompt_len=22)  # 3 blocks each: the cache is full
     return engine
 
 
-def scheduled_ids(engine: LLMEngine) -> set[str]:
+def scheduled_ids(engine: EngineCore) -> set[str]:
     schedules = record_schedules(engine)
     engine.step()
     return {s.seq.request_id for s in schedules[-1].scheduled}
@@ -52,7 +51,7 @@ def scheduled_ids(engine: LLMEngine) -> set[str]:
 
 def test_interactive_takes_a_slot_from_batch_in_the_next_step() -> None:
     config = EngineConfig(model="builtin", num_blocks=256, max_num_seqs=4, max_batch_share=1.0)
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     fill_with_batch(engine, 6)
     assert len(engine.scheduler.running) == 4
     add_interactive(engine)
@@ -74,12 +73,10 @@ def test_interactive_takes_blocks_from_batch_in_the_next_step() -> None:
 
 def test_interactive_takes_token_budget_from_batch_prefill_in_the_next_step() -> None:
     config = EngineConfig(model="builtin", num_blocks=256, max_num_batched_tokens=32)
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     # Long batch prompts keep every step's budget busy with prefill chunks.
     for i in range(3):
-        engine.add_request(
-            f"job-{i}", prompt_token_ids=[i + 1] * 200, params=BATCH_PARAMS, priority=Priority.BULK
-        )
+        add(engine, f"job-{i}", [i + 1] * 200, BATCH_PARAMS, Priority.BULK)
     engine.step()
     add_interactive(engine)
     schedules = record_schedules(engine)
@@ -92,7 +89,7 @@ def test_batch_work_leaves_the_block_reserve_free() -> None:
     config = EngineConfig(
         model="builtin", num_blocks=20, block_size=8, reserved_block_fraction=0.25
     )
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     fill_with_batch(engine, 10, prompt_len=15)
     # 25% of 20 blocks stays free while batch prompts are admitted.
     assert engine.block_manager.num_free_blocks >= 5 - len(engine.scheduler.running)
@@ -101,16 +98,14 @@ def test_batch_work_leaves_the_block_reserve_free() -> None:
 
 def test_preempted_batch_job_gives_the_same_greedy_output_and_reuses_its_prefix() -> None:
     prompt = [(3 * j) % 250 for j in range(40)]
-    solo = LLMEngine(EngineConfig(model="builtin", num_blocks=64, block_size=8))
+    solo = EngineCore(EngineConfig(model="builtin", num_blocks=64, block_size=8))
     expected = solo.generate([prompt], BATCH_PARAMS)[0]
 
     config = EngineConfig(
         model="builtin", num_blocks=64, block_size=8, max_num_seqs=1, max_batch_share=1.0
     )
-    engine = LLMEngine(config)
-    engine.add_request(
-        "job", prompt_token_ids=prompt, params=BATCH_PARAMS, priority=Priority.STANDARD
-    )
+    engine = EngineCore(config)
+    add(engine, "job", prompt, BATCH_PARAMS, Priority.STANDARD)
     results: dict = {}
     for _ in range(5):
         collect(results, engine.step())
@@ -127,22 +122,18 @@ def test_preempted_batch_job_gives_the_same_greedy_output_and_reuses_its_prefix(
 
 def test_preempted_batch_resumes_ahead_of_newer_batch_work() -> None:
     config = EngineConfig(model="builtin", num_blocks=64, max_num_seqs=1, max_batch_share=1.0)
-    engine = LLMEngine(config)
-    engine.add_request(
-        "old", prompt_token_ids=[1] * 5, params=BATCH_PARAMS, priority=Priority.STANDARD
-    )
+    engine = EngineCore(config)
+    add(engine, "old", [1] * 5, BATCH_PARAMS, Priority.STANDARD)
     engine.step()
-    engine.add_request(
-        "new", prompt_token_ids=[2] * 5, params=BATCH_PARAMS, priority=Priority.STANDARD
-    )
+    add(engine, "new", [2] * 5, BATCH_PARAMS, Priority.STANDARD)
     add_interactive(engine)
     engine.step()  # chat preempts "old"
     assert [s.request_id for s in engine.scheduler.waiting] == ["old", "new"]
 
 
 def test_metrics_are_kept_per_lane() -> None:
-    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=64, max_num_seqs=1))
-    engine.add_request("job", prompt_token_ids=[1] * 5, params=BATCH_PARAMS, priority=Priority.BULK)
+    engine = EngineCore(EngineConfig(model="builtin", num_blocks=64, max_num_seqs=1))
+    add(engine, "job", [1] * 5, BATCH_PARAMS, Priority.BULK)
     engine.step()
     add_interactive(engine)
     while engine.has_unfinished:
@@ -166,7 +157,7 @@ def test_batch_allowance_shrinks_after_slow_interactive_steps_and_grows_back() -
     config = EngineConfig(
         model="builtin", num_blocks=256, max_num_batched_tokens=256, interactive_ttft_target_s=0.1
     )
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     scheduler = engine.scheduler
     scheduler.observe_step(0.2, served_interactive=False)
     assert scheduler.batch_token_allowance == 256  # batch-only steps never cut it
@@ -178,9 +169,7 @@ def test_batch_allowance_shrinks_after_slow_interactive_steps_and_grows_back() -
     assert scheduler.batch_token_allowance > cut
 
     # With interactive work around, batch prefill is held to the allowance.
-    engine.add_request(
-        "job", prompt_token_ids=[3] * 100, params=BATCH_PARAMS, priority=Priority.BULK
-    )
+    add(engine, "job", [3] * 100, BATCH_PARAMS, Priority.BULK)
     add_interactive(engine)
     schedules = record_schedules(engine)
     engine.step()  # the interactive request's first token: a step of its own
@@ -193,7 +182,7 @@ def test_batch_allowance_shrinks_after_slow_interactive_steps_and_grows_back() -
 
 
 def test_a_step_that_starts_interactive_requests_carries_no_batch_work() -> None:
-    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=256))
+    engine = EngineCore(EngineConfig(model="builtin", num_blocks=256))
     fill_with_batch(engine, 6)
     add_interactive(engine)
     schedules = record_schedules(engine)
@@ -206,22 +195,30 @@ def test_a_step_that_starts_interactive_requests_carries_no_batch_work() -> None
     assert len(engine.scheduler.running) == 7  # nothing was preempted for it
 
 
-def step_with_arrival(engine: LLMEngine, arrive: Callable[[], None]) -> list[list[str]]:
-    """Run one step; `arrive` adds requests between its first two layers, which start in
-    an urgent step there. Returns the ids with output, per urgent step and then the step."""
-    urgent_outputs: list[list[str]] = []
+class _ArriveOnce:
+    """A layer hook: `arrive` adds requests between the first two layers, and they start
+    in an urgent step there."""
 
-    def between_layers() -> None:
-        if not urgent_outputs:
-            arrive()
-            urgent_outputs.append([out.request_id for out in engine.urgent_step()])
+    def __init__(self, engine: EngineCore, arrive: Callable[[], None]) -> None:
+        self.engine, self.arrive = engine, arrive
+        self.urgent_outputs: list[list[str]] = []
 
-    outputs = engine.step(between_layers)
-    return [*urgent_outputs, [out.request_id for out in outputs]]
+    def after_layer(self, layer_index: int) -> None:
+        if not self.urgent_outputs:
+            self.arrive()
+            self.urgent_outputs.append([out.request_id for out in self.engine.urgent_step()])
+
+
+def step_with_arrival(engine: EngineCore, arrive: Callable[[], None]) -> list[list[str]]:
+    """Run one step with requests arriving mid-step. Returns the ids with output, per
+    urgent step and then the step."""
+    hook = _ArriveOnce(engine, arrive)
+    outputs = engine.step(hook)
+    return [*hook.urgent_outputs, [out.request_id for out in outputs]]
 
 
 def test_interactive_arriving_mid_step_gets_its_first_token_before_the_step_ends() -> None:
-    engine = LLMEngine(EngineConfig(model="builtin", num_blocks=256))
+    engine = EngineCore(EngineConfig(model="builtin", num_blocks=256))
     fill_with_batch(engine, 6)
     urgent = record_schedules(engine, urgent=True)
     urgent_ids, step_ids = step_with_arrival(engine, lambda: add_interactive(engine))
@@ -234,7 +231,7 @@ def test_interactive_arriving_mid_step_gets_its_first_token_before_the_step_ends
 
 def test_an_urgent_step_borrows_a_batch_slot_that_the_next_step_gives_back() -> None:
     config = EngineConfig(model="builtin", num_blocks=256, max_num_seqs=4, max_batch_share=1.0)
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     fill_with_batch(engine, 6)
     assert len(engine.scheduler.running) == 4
     urgent_ids, _ = step_with_arrival(engine, lambda: add_interactive(engine))

@@ -13,7 +13,7 @@ from checkpoints import make_llama
 from twolane.models.config import ModelConfig, UnsupportedModelError
 from twolane.models.loader import safetensors_files
 from twolane.scheduler.config import EngineConfig
-from twolane.scheduler.engine import LLMEngine
+from twolane.scheduler.engine import EngineCore
 from twolane.scheduler.request import SamplingParams
 
 
@@ -31,8 +31,8 @@ def test_sharded_checkpoint_with_index_gives_the_same_tokens(
 
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     prompts = [[5, 6, 7, 8, 9], [100, 3]]
-    whole = LLMEngine(EngineConfig(model=str(llama_dir), num_blocks=32)).generate(prompts, params)
-    split = LLMEngine(EngineConfig(model=str(sharded), num_blocks=32)).generate(prompts, params)
+    whole = EngineCore(EngineConfig(model=str(llama_dir), num_blocks=32)).generate(prompts, params)
+    split = EngineCore(EngineConfig(model=str(sharded), num_blocks=32)).generate(prompts, params)
     assert split == whole
 
 
@@ -59,7 +59,7 @@ def test_missing_tensor_is_a_clear_error(tmp_path: Path) -> None:
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing"):
-        LLMEngine(EngineConfig(model=str(model_dir), num_blocks=8))
+        EngineCore(EngineConfig(model=str(model_dir), num_blocks=8))
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -77,4 +77,4 @@ def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
     )
     shutil.copy(Path(make_llama(tmp_path / "m")) / "tokenizer.json", tmp_path)
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        LLMEngine(EngineConfig(model=str(tmp_path), num_blocks=8))
+        EngineCore(EngineConfig(model=str(tmp_path), num_blocks=8))

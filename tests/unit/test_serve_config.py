@@ -12,7 +12,7 @@ from twolane.services.config import ServeConfig
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("MODEL", "HOST", "PORT", "LOG_JSON", "MAX_WAITING"):
+    for name in ("MODEL", "HOST", "PORT", "LOG_JSON", "MAX_WAITING", "THREADS"):
         monkeypatch.delenv(f"TWOLANE_{name}", raising=False)
 
 
@@ -22,12 +22,17 @@ def parse_serve(*argv: str) -> ServeConfig:
 
 def test_defaults_serve_the_builtin_model_on_localhost() -> None:
     config = parse_serve()
-    assert (config.model, config.host, config.port) == ("builtin", "127.0.0.1", 50051)
+    assert (config.engine.model, config.listen.host, config.listen.port) == (
+        "builtin",
+        "127.0.0.1",
+        50051,
+    )
 
 
 def test_flags_override_defaults() -> None:
     config = parse_serve("--model", "/m", "--host", "0.0.0.0", "--port", "0", "--log-json")
-    assert (config.model, config.host, config.port, config.log_json) == ("/m", "0.0.0.0", 0, True)
+    assert (config.engine.model, config.listen.host, config.listen.port) == ("/m", "0.0.0.0", 0)
+    assert config.log.log_json
 
 
 def test_environment_variables_stand_in_for_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,21 +41,65 @@ def test_environment_variables_stand_in_for_flags(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("TWOLANE_LOG_JSON", "1")
     monkeypatch.setenv("TWOLANE_MAX_WAITING", "3")
     config = parse_serve()
-    assert (config.model, config.port, config.log_json) == ("/models/x", 0, True)
-    assert config.engine_config().max_waiting_interactive == 3
+    assert (config.engine.model, config.listen.port, config.log.log_json) == ("/models/x", 0, True)
+    assert config.engine.max_waiting_interactive == 3
 
 
 def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TWOLANE_PORT", "7000")
-    assert parse_serve("--port", "7001").port == 7001
+    assert parse_serve("--port", "7001").listen.port == 7001
 
 
-@pytest.mark.parametrize("change", [{"port": 70000}, {"grace_period_s": -1.0}, {"max_num_seqs": 0}])
-def test_bad_values_are_refused_at_startup(change: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "field"),
+    [
+        ("--attention-backend", "torch", "attention_backend"),
+        ("--kv-cache-bytes", "1048576", "kv_cache_bytes"),
+        ("--seed", "7", "seed"),
+        ("--threads", "3", "threads"),
+        ("--max-model-len", "512", "max_model_len"),
+    ],
+)
+def test_every_engine_option_has_a_flag(flag: str, value: str, field: str) -> None:
+    engine = parse_serve(flag, value).engine
+    assert str(getattr(engine, field)) == value
+
+
+def test_prefix_caching_can_be_turned_off_by_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert parse_serve().engine.enable_prefix_caching
+    assert not parse_serve("--no-enable-prefix-caching").engine.enable_prefix_caching
+    monkeypatch.setenv("TWOLANE_ENABLE_PREFIX_CACHING", "0")
+    assert not parse_serve().engine.enable_prefix_caching
+
+
+def test_a_child_rebuilds_exactly_the_config_it_was_given() -> None:
+    from twolane.services import options
+    from twolane.services.config import ChildConfig, EngineCoreProcessConfig
+
+    config = parse_serve("--model", "/m", "--max-num-seqs", "9", "--no-enable-prefix-caching")
+    child = EngineCoreProcessConfig(
+        engine=config.engine, log=config.log, child=ChildConfig(ipc_dir="/run/x")
+    )
+    argv = ["engine-core", *options.to_argv(child)]
+    rebuilt = options.from_args(EngineCoreProcessConfig, build_parser().parse_args(argv))
+    assert rebuilt == child
+
+
+@pytest.mark.parametrize(
+    ("part", "change"),
+    [
+        ("listen", {"port": 70000}),
+        ("listen", {"grace_period_s": -1.0}),
+        ("engine", {"max_num_seqs": 0}),
+    ],
+)
+def test_bad_values_are_refused_at_startup(part: str, change: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        dataclasses.replace(ServeConfig(), **change)
+        dataclasses.replace(getattr(ServeConfig(), part), **change)
 
 
 def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
-        ServeConfig().port = 1  # type: ignore[misc]
+        ServeConfig().metrics_port = 1  # type: ignore[misc]

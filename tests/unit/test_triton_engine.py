@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 
 from twolane.scheduler.config import EngineConfig
-from twolane.scheduler.engine import LLMEngine
+from twolane.scheduler.engine import EngineCore
 from twolane.scheduler.request import SamplingParams
 
 SHARED_PREFIX = list(range(40, 80))  # two and a half 16-token blocks
@@ -35,7 +35,7 @@ def _generate(attention_backend: str) -> list[list[int]]:
         # Small enough that the longer prompts are prefilled in chunks.
         max_num_batched_tokens=32,
     )
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     assert engine.runner.backend.name == attention_backend
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     # The first prompt with the shared prefix fills the prefix cache for the second.

@@ -1,0 +1,370 @@
+"""`twolane serve` and `twolane worker`: the supervisor of one machine's processes.
+
+It starts nats-server (unless `--nats-url`), then the children, each as
+`twolane <role> ...` so that its command line names its role:
+
+    engine-core     the scheduler, KV cache and model, in a loop of their own
+    frontend (xN)   the gRPC API on one shared port, tokenizing and streaming
+    jobs            the JetStream consumer feeding the engine core batch work
+
+A child that dies is noticed at once and started again, with backoff. On SIGTERM the
+children stop in order: frontends (draining their calls), the job runner (finishing
+or giving back its jobs), the engine core, and last nats-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from twolane.services import jobs, options
+from twolane.services.config import (
+    ChildConfig,
+    EngineCoreProcessConfig,
+    FrontendProcessConfig,
+    JobRunnerProcessConfig,
+    ServeConfig,
+)
+from twolane.services.metrics_http import MetricsServer, multiprocess_registry
+from twolane.services.nats_embedded import death_signal_hook
+from twolane.services.process import run_process, stop_event
+
+log = structlog.get_logger(__name__)
+
+FIRST_RESTART_DELAY_S = 0.5
+MAX_RESTART_DELAY_S = 30.0
+# A child that ran this long before dying starts again after the first delay.
+STABLE_AFTER_S = 60.0
+STOP_TIMEOUT_S = 15.0
+_NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): a worker shares one NATS with others"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve both lanes on this machine (starts nats-server unless --nats-url)",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ServeConfig.add_arguments(serve)
+    serve.set_defaults(func=serve_main)
+    worker = subparsers.add_parser(
+        "worker",
+        help="host an engine for a gateway: run jobs from a shared NATS, serve --port",
+        description="An engine core with its frontend and job runner, on a NATS shared with "
+        "other workers and gateways (--nats-url is required; no embedded nats-server).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ServeConfig.add_arguments(worker)
+    worker.set_defaults(func=worker_main)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    return run_process("serve", args, ServeConfig.from_args, serve)
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    def build(namespace: argparse.Namespace) -> ServeConfig:
+        config = ServeConfig.from_args(namespace)
+        if not config.jobs.nats_url:
+            raise ValueError(_NEEDS_NATS)
+        return config
+
+    return run_process("worker", args, build, serve)
+
+
+@dataclass
+class Child:
+    """One supervised process and how often it had to be started again."""
+
+    role: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: asyncio.subprocess.Process | None = None
+    started_s: float = 0.0
+    ready: bool = False
+    num_restarts: int = 0
+    restart_delay_s: float = FIRST_RESTART_DELAY_S
+    _ready_read_fd: int = -1
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+
+@dataclass
+class Supervisor:
+    config: ServeConfig
+    nats_url: str
+    ipc_dir: Path
+    port: int
+    metrics_dir: Path
+    children: list[Child] = field(default_factory=list)
+    stopping: bool = False
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def child_config(self) -> ChildConfig:
+        return ChildConfig(ipc_dir=str(self.ipc_dir))
+
+    def plan(self) -> list[Child]:
+        """The children in start order (and the reverse of stop order)."""
+        config, child = self.config, self.child_config()
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        jobs_config = dataclasses.replace(config.jobs, nats_url=self.nats_url)
+        core = EngineCoreProcessConfig(engine=config.engine, log=config.log, child=child)
+        frontend = FrontendProcessConfig(
+            listen=dataclasses.replace(config.listen, port=self.port),
+            jobs=jobs_config,
+            log=config.log,
+            child=child,
+            reuse_port=True,
+        )
+        runner = JobRunnerProcessConfig(
+            jobs=jobs_config,
+            log=config.log,
+            child=child,
+            grace_period_s=config.listen.grace_period_s,
+        )
+        # The ready fd differs per start: it is appended when the child is spawned.
+        skip = frozenset({"ready_fd"})
+        planned = [Child("engine-core", options.to_argv(core, skip=skip), env)]
+        planned += [
+            Child("frontend", options.to_argv(frontend, skip=skip), env)
+            for _ in range(config.api_server_count)
+        ]
+        planned.append(Child("jobs", options.to_argv(runner, skip=skip), env))
+        return planned
+
+    async def spawn(self, child: Child) -> None:
+        read_fd, write_fd = os.pipe()
+        child.proc = await asyncio.create_subprocess_exec(
+            *twolane_command(),
+            child.role,
+            *child.argv,
+            "--ready-fd",
+            str(write_fd),
+            env=child.env,
+            pass_fds=(write_fd,),
+            # A supervisor that is killed takes its children with it at once: frontends
+            # must not hold the port, nor the job runner its jobs, for a grace period
+            # nobody is waiting out. (nats-server gets SIGTERM, so it can flush.)
+            preexec_fn=death_signal_hook(signal.SIGKILL),
+        )
+        os.close(write_fd)
+        child._ready_read_fd = read_fd
+        child.started_s = time.monotonic()
+        child.ready = False
+        log.info("child started", role=child.role, pid=child.proc.pid)
+
+    async def wait_ready(self, child: Child) -> bool:
+        """True once the child says it is ready; False if it exits first."""
+        fd = child._ready_read_fd
+        try:
+            line = await asyncio.to_thread(os.read, fd, 64)
+        finally:
+            os.close(fd)
+            child._ready_read_fd = -1
+        child.ready = line.startswith(b"ready")
+        return child.ready
+
+    async def start_all(self) -> None:
+        """Start every child in order, each after the one before is ready.
+
+        Raises:
+            OSError: a child exited before it was ready (its log says why).
+        """
+        self.children = self.plan()
+        for child in self.children:
+            if self.stopping:
+                return
+            await self.spawn(child)
+            if not await self.wait_ready(child):
+                code = await child.proc.wait() if child.proc else None
+                if self.stopping:
+                    return
+                raise OSError(f"{child.role} exited with {code} while starting; see its log above")
+            log.info("child ready", role=child.role, pid=child.pid)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Restart children that die, until `stop` is set."""
+        while not stop.is_set():
+            waits = {
+                asyncio.ensure_future(child.proc.wait()): child
+                for child in self.children
+                if child.proc is not None
+            }
+            stopping = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({*waits, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
+            if stopping in done:
+                return
+            stopping.cancel()
+            for task in done:
+                if task in waits:
+                    await self.restart(waits[task], stop)
+
+    async def restart(self, child: Child, stop: asyncio.Event) -> None:
+        assert child.proc is not None
+        code = child.proc.returncode
+        _mark_dead(self.metrics_dir, child.proc.pid)
+        if time.monotonic() - child.started_s > STABLE_AFTER_S:
+            child.restart_delay_s = FIRST_RESTART_DELAY_S
+        log.error(
+            "child died; restarting",
+            role=child.role,
+            pid=child.proc.pid,
+            returncode=code,
+            restart_in_s=child.restart_delay_s,
+        )
+        child.ready = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), child.restart_delay_s)
+        if stop.is_set():
+            return
+        child.restart_delay_s = min(MAX_RESTART_DELAY_S, child.restart_delay_s * 2)
+        child.num_restarts += 1
+        await self.spawn(child)
+        task = asyncio.ensure_future(self._log_ready(child))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _log_ready(self, child: Child) -> None:
+        if await self.wait_ready(child):
+            log.info("child ready", role=child.role, pid=child.pid, restarts=child.num_restarts)
+
+    async def stop_all(self) -> None:
+        """Stop the children in the reverse of their start order, each group in parallel."""
+        self.stopping = True
+        for role in ("frontend", "jobs", "engine-core"):
+            group = [c for c in self.children if c.role == role and c.proc is not None]
+            await asyncio.gather(*(_terminate(c, self.config.listen.grace_period_s) for c in group))
+
+    def is_ready(self) -> bool:
+        return bool(self.children) and all(
+            c.ready and c.proc is not None and c.proc.returncode is None for c in self.children
+        )
+
+
+async def _terminate(child: Child, grace_period_s: float) -> None:
+    proc = child.proc
+    assert proc is not None
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace_period_s + STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error("child did not stop; killing it", role=child.role, pid=proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    log.info("child stopped", role=child.role, pid=proc.pid, returncode=proc.returncode)
+
+
+def _mark_dead(metrics_dir: Path, pid: int) -> None:
+    """Drop a dead child's live gauges from the scrape (its counters stay counted)."""
+    from prometheus_client import multiprocess
+
+    with contextlib.suppress(OSError):
+        multiprocess.mark_process_dead(pid, str(metrics_dir))
+
+
+def twolane_command() -> list[str]:
+    """How to start `twolane` again: the script beside this interpreter, if it is there."""
+    script = Path(sys.executable).with_name("twolane")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "twolane.services.cli"]
+
+
+def reserve_port(host: str, port: int) -> tuple[int, socket.socket]:
+    """Check that nobody holds `host:port` and hold it for this server's frontends.
+
+    A plain bind fails if any socket holds the port, even one that allows sharing
+    (gRPC servers set SO_REUSEPORT by default, so two of them would silently split the
+    connections). The port is then held by a bound, not listening, socket with
+    SO_REUSEPORT, which only this server's frontends join.
+
+    Raises:
+        OSError: the port is in use, or the host is not an address of this machine.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR, as every server sets it: connections of an earlier server still
+        # in TIME_WAIT do not hold the port; a socket listening on it does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        chosen = int(probe.getsockname()[1])
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind((host, chosen))
+    except OSError as exc:
+        holder.close()
+        raise OSError(f"cannot listen on {host}:{chosen}: {exc.strerror}") from exc
+    return chosen, holder
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop the children in order."""
+    stop = stop_event()
+    async with contextlib.AsyncExitStack() as stack:
+        # Ports first: a port that is taken fails before anything starts.
+        port, holder = reserve_port(config.listen.host, config.listen.port)
+        stack.callback(holder.close)
+        metrics_dir = Path(tempfile.mkdtemp(prefix="twolane-metrics-"))
+        stack.callback(shutil.rmtree, metrics_dir, True)
+        supervisor: Supervisor | None = None
+        if config.metrics_port >= 0:
+            metrics = MetricsServer(
+                config.listen.host,
+                config.metrics_port,
+                multiprocess_registry(str(metrics_dir)),
+                lambda: supervisor is not None and supervisor.is_ready(),
+            )
+            metrics.start()
+            stack.callback(metrics.stop)
+            log.info(
+                "metrics",
+                url=f"http://{config.listen.host}:{metrics.port}/metrics",
+                metrics_port=metrics.port,
+            )
+        nats_url = await jobs.start_nats(stack, config.jobs)
+        ipc_dir = Path(tempfile.mkdtemp(prefix="twolane-ipc-"))
+        stack.callback(shutil.rmtree, ipc_dir, True)
+        supervisor = Supervisor(config, nats_url, ipc_dir, port, metrics_dir)
+        stack.push_async_callback(supervisor.stop_all)
+        starting = asyncio.ensure_future(supervisor.start_all())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # Stopped while starting (a model can take minutes to load).
+            supervisor.stopping = True
+            await supervisor.stop_all()
+            with contextlib.suppress(OSError):
+                await starting
+            return
+        stopping.cancel()
+        starting.result()  # raises OSError when a child could not start
+        log.info("serving", port=port, nats_url=nats_url, processes=len(supervisor.children))
+        await supervisor.watch(stop)
+        log.info("stopping")
+    log.info("stopped")
