@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -194,7 +193,6 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
             config.listen,
             reuse_port=config.reuse_port,
             engine=engine,
-            pid=os.getpid(),
         )
         signal_ready(config.child.ready_fd)
         await stop.wait()

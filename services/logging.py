@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -33,10 +34,12 @@ def configure_logging(*, json: bool, level: str = "info", process: str | None = 
         )
     structlog.contextvars.clear_contextvars()
     if process is not None:
-        structlog.contextvars.bind_contextvars(process=process)
+        structlog.contextvars.bind_contextvars(process=process, pid=os.getpid())
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line: the processes of one `twolane serve` share its stderr, and a
+        # line written in two pieces could interleave with another process's.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )

@@ -30,6 +30,7 @@ class ServerProcess:
 
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
+    data_dir: Path | None = None
     port: int | None = None
     _listening: threading.Event = field(default_factory=threading.Event)
 
@@ -45,7 +46,7 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
-            if self.port is None and "listening" in line:
+            if self.port is None and "listening" in line and "http listening" not in line:
                 self.port = _listening_port(line)
                 self._listening.set()
         self._listening.set()
@@ -88,7 +89,7 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess
         text=True,
         env={**os.environ, "TWOLANE_DATA_DIR": data_dir, **(env or {})},
     )
-    server = ServerProcess(proc)
+    server = ServerProcess(proc, data_dir=Path(data_dir))
     threading.Thread(target=server._read_output, daemon=True).start()
     server.wait_listening()
     return server

@@ -1,0 +1,54 @@
+"""Imports run one way (services -> scheduler -> models -> kernels), and the processes
+around the engine core never load torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = ("services", "scheduler", "models", "kernels")  # each may import only those after it
+
+
+def imported_twolane_packages(folder: str) -> dict[str, set[str]]:
+    """For each module of `folder`, the twolane packages it imports."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / folder).glob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        found[path.name] = {n.split(".")[1] for n in names if n.startswith("twolane.")}
+    return found
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
+    allowed = {layer, *LAYERS[LAYERS.index(layer) + 1 :], "v1"}
+    if layer == "services":
+        allowed.add("bench")  # the `twolane bench` command starts the benchmarks
+    for module, packages in imported_twolane_packages(layer).items():
+        assert packages <= allowed, f"{layer}/{module} imports {sorted(packages - allowed)}"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "twolane.services.frontend",
+        "twolane.services.job_runner",
+        "twolane.services.supervisor",
+        "twolane.services.gateway",
+        "twolane.services.cli",
+        "twolane.scheduler.client",
+    ],
+)
+def test_processes_around_the_engine_core_do_not_load_torch(module: str) -> None:
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
