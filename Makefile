@@ -93,6 +93,10 @@ bench: setup ## Benchmark twolane vs transformers baselines (both models, fp32+b
 bench-quick: setup ## The benchmark's quick mode: tiny model, fp32, under 2 minutes
 	$(BIN)/twolane bench --quick
 
+.PHONY: bench-overhead
+bench-overhead: setup ## Serving's cost outside the model: served decode step vs bare forward (~3 min)
+	$(PY) -m twolane.bench.overhead
+
 .PHONY: bench-mixed
 bench-mixed: setup ## Interactive TTFT alone vs beside a 500+ job batch backlog (~6 min)
 	$(PY) -m twolane.bench.mixed

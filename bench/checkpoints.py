@@ -23,6 +23,7 @@ from twolane.models.builtin import (
 )
 
 WIDE_NAME = "wide"
+SMALL_NAME = "small"
 WIDE_FORMAT_VERSION = 1
 WIDE_CONFIG: dict[str, int | float] = {
     "vocab_size": 32000,
@@ -34,6 +35,18 @@ WIDE_CONFIG: dict[str, int | float] = {
     "max_position_embeddings": 2048,
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
+}
+
+
+# A small Llama whose steps are short (a few ms), as every model's are on a GPU: where
+# what the server does beside the model decides the latency.
+SMALL_CONFIG: dict[str, int | float] = {
+    **WIDE_CONFIG,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
 }
 
 
@@ -86,11 +99,13 @@ class ModelShape:
 
 
 def model_dir(name: str) -> Path:
-    """The checkpoint directory of `builtin` or `wide`, written on first use."""
+    """The checkpoint directory of `builtin`, `wide` or `small`, written on first use."""
     if name == "builtin":
         return builtin_model_dir()
     if name == WIDE_NAME:
         return wide_model_dir()
+    if name == SMALL_NAME:
+        return wide_model_dir(name=SMALL_NAME, config=SMALL_CONFIG)
     return Path(name)
 
 
@@ -102,18 +117,21 @@ def model_shape(name: str) -> ModelShape:
     return ModelShape.from_config(json.loads((model_dir(name) / "config.json").read_text()))
 
 
-def wide_model_dir(seed: int = 0) -> Path:
-    """The wide random Llama's checkpoint, written with transformers on first use."""
+def wide_model_dir(
+    seed: int = 0, name: str = WIDE_NAME, config: dict[str, int | float] = WIDE_CONFIG
+) -> Path:
+    """A random Llama's checkpoint (the wide one by default), written with transformers on
+    first use."""
 
     def write(model_dir: Path) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
-        config = LlamaConfig(
-            **WIDE_CONFIG, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257
-        )
-        model = LlamaForCausalLM(config).float().eval()
+        llama = LlamaConfig(**config, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
+        model = LlamaForCausalLM(llama).float().eval()
         model.save_pretrained(model_dir, safe_serialization=True)
         shutil.copy(builtin_model_dir() / "tokenizer.json", model_dir / "tokenizer.json")
 
-    return cached_checkpoint(cache_root() / f"bench-wide-v{WIDE_FORMAT_VERSION}-seed{seed}", write)
+    return cached_checkpoint(
+        cache_root() / f"bench-{name}-v{WIDE_FORMAT_VERSION}-seed{seed}", write
+    )

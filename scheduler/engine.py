@@ -15,9 +15,9 @@ import structlog
 
 from twolane.kernels.attention import get_attention_backend
 from twolane.models.batch import BatchSequence, LayerHook, SamplingRow
-from twolane.models.builtin import BUILTIN_NAME, builtin_model_dir
 from twolane.models.config import ModelConfig
 from twolane.models.loader import DTYPES, load_model
+from twolane.models.resolve import resolve_model_dir
 from twolane.models.runner import ModelRunner, StepResult
 from twolane.models.sampling import make_generator
 from twolane.scheduler.block_manager import BlockManager
@@ -45,9 +45,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, instance_id: str = "") -> None:
         self.config = config
         self.instance_id = instance_id
-        self.model_dir = (
-            builtin_model_dir(config.seed) if config.model == BUILTIN_NAME else Path(config.model)
-        )
+        self.model_dir = resolve_model_dir(config.model, config.seed)
         dtype = DTYPES[config.dtype]
         max_positions = self._max_positions(self.model_dir)
         model, self.model_config = load_model(

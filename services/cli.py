@@ -10,7 +10,7 @@ from collections.abc import Sequence
 # Modules that add subcommands; a new command is one more entry here.
 COMMAND_MODULES = (
     "twolane.services.supervisor",
-    "twolane.services.client",
+    "twolane.services.generate_cli",
     "twolane.services.gateway",
     "twolane.services.job_cli",
     "twolane.services.bench_cli",

@@ -88,6 +88,12 @@ class JobsConfig:
     max_batch_inflight: int = option(
         0, "most jobs a worker runs at once; 0: max-num-seqs", flag="job-max-batch-inflight"
     )
+    niceness: int = option(
+        10,
+        "CPU niceness the job runner adds to its own, so that job bookkeeping yields the "
+        "CPU to the processes serving interactive calls (0 keeps the same priority)",
+        flag="job-niceness",
+    )
     fail_prompt_prefix: str = field(
         default_factory=lambda: os.environ.get("TWOLANE_FAULT_FAIL_PROMPT_PREFIX", "")
     )
@@ -101,6 +107,8 @@ class JobsConfig:
                 raise ValueError(f"{name} must be at least 1 second, got {getattr(self, name)}")
         if self.retry_backoff_s < 0 or self.max_batch_inflight < 0:
             raise ValueError("retry_backoff_s and max_batch_inflight must be >= 0")
+        if not 0 <= self.niceness <= 19:
+            raise ValueError(f"niceness must be in [0, 19], got {self.niceness}")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import structlog
 from twolane.services import options
 from twolane.services.config import EngineCoreProcessConfig
 from twolane.services.logging import configure_logging
-from twolane.services.process import keep_freed_memory, signal_ready
+from twolane.services.process import keep_freed_memory, settle_heap, signal_ready
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
     def on_ready() -> None:
         nonlocal ready
         ready = True
+        settle_heap()
         signal_ready(config.child.ready_fd)
 
     try:

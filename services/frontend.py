@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import structlog
 
-from twolane.models.tokenizer import Tokenizer
 from twolane.scheduler.client import EngineClient
 from twolane.scheduler.protocol import EngineAddress
 from twolane.scheduler.request import Priority
@@ -29,7 +28,8 @@ from twolane.services.generation import RequestOutput, generate
 from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
 from twolane.services.loop_lag import watch_loop_lag
-from twolane.services.process import run_process, signal_ready, stop_event
+from twolane.services.process import run_process, settle_heap, signal_ready, stop_event
+from twolane.services.prompts import ModelPrompts
 from twolane.services.status import grpc_errors
 from twolane.services.validation import (
     GenerateMessage,
@@ -52,11 +52,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """The public API over one engine core and, when configured, a job service."""
 
     def __init__(
-        self, engine: EngineClient, tokenizer: Tokenizer, jobs: JobService | None = None
+        self, engine: EngineClient, prompts: ModelPrompts, jobs: JobService | None = None
     ) -> None:
         assert engine.info is not None, "the engine client must be ready"
         self._engine = engine
-        self._tokenizer = tokenizer
+        self._prompts = prompts
         self._jobs = jobs
         self._limits = ModelLimits(
             vocab_size=engine.info.vocab_size, max_model_len=engine.info.max_model_len
@@ -113,11 +113,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: GenerateMessage, context: grpc.aio.ServicerContext, stream: bool = True
     ) -> tuple[str, AsyncIterator[RequestOutput]]:
         """Validate and enqueue; returns the request id and its updates."""
-        valid = validate_generate(request, self._limits, self._tokenizer.encode)
+        valid = validate_generate(request, self._limits, self._prompts)
         request_id = uuid.uuid4().hex
         outputs = generate(
             self._engine,
-            self._tokenizer,
+            self._prompts.tokenizer,
             request_id,
             valid,
             Priority.INTERACTIVE,
@@ -181,12 +181,12 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
         info = await engine.wait_ready_unless(stop)
         if info is None:
             return
-        tokenizer = Tokenizer.from_dir(Path(info.model_dir))
+        prompts = ModelPrompts.from_dir(Path(info.model_dir))
         limits = ModelLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len)
         _, store = await jobs.start_job_store(
-            stack, config.jobs, jobs.model_validator(limits, tokenizer), name="twolane-frontend"
+            stack, config.jobs, jobs.model_validator(limits, prompts), name="twolane-frontend"
         )
-        servicer = InferenceServicer(engine, tokenizer, store)
+        servicer = InferenceServicer(engine, prompts, store)
         server = await start_grpc_server(
             stack,
             servicer,
@@ -194,6 +194,7 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
             reuse_port=config.reuse_port,
             engine=engine,
         )
+        settle_heap()
         signal_ready(config.child.ready_fd)
         await stop.wait()
         log.info("draining", grace_period_s=config.listen.grace_period_s, port=server.port)

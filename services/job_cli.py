@@ -24,8 +24,8 @@ from google.protobuf import json_format
 from tqdm import tqdm
 
 from twolane.services import jetstream
-from twolane.services.client import describe_error
 from twolane.services.config import DEFAULT_PORT, default_data_dir, env_default
+from twolane.services.generate_cli import describe_error
 from twolane.services.nats_embedded import read_url_file
 from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
 
@@ -268,21 +268,34 @@ def parse_batch(
             raise BatchInputError(f"line {number}: custom_id {custom_id!r} is repeated")
         seen.add(custom_id)
         body = row.get("body", row)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise BatchInputError(f"line {number}: body.prompt must be a non-empty string")
+        request = generate_pb2.GenerateRequest()
+        if row.get("url") == "/v1/chat/completions" or "messages" in body:
+            _add_messages(request, body.get("messages"), number)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise BatchInputError(f"line {number}: body.prompt must be a non-empty string")
+            request.prompt = prompt
         try:
-            params = _sampling_params(body, default_max_tokens)
+            request.params.CopyFrom(_sampling_params(body, default_max_tokens))
         except (TypeError, ValueError) as exc:
             raise BatchInputError(f"line {number}: bad sampling parameter ({exc})") from exc
         yield (
             custom_id,
-            jobs_pb2.SubmitJobRequest(
-                request=generate_pb2.GenerateRequest(prompt=prompt, params=params),
-                tier=tier,
-                custom_id=custom_id,
-            ),
+            jobs_pb2.SubmitJobRequest(request=request, tier=tier, custom_id=custom_id),
         )
+
+
+def _add_messages(request: generate_pb2.GenerateRequest, messages: object, number: int) -> None:
+    """A chat line's `body.messages`: [{"role": ..., "content": "..."}, ...]."""
+    if not isinstance(messages, list) or not messages:
+        raise BatchInputError(f"line {number}: body.messages must be a non-empty list")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise BatchInputError(
+                f"line {number}: body.messages[{index}] needs a role and a string content"
+            )
+        request.messages.add(role=str(message.get("role", "")), content=message["content"])
 
 
 def _sampling_params(body: dict[str, Any], default_max_tokens: int) -> generate_pb2.SamplingParams:

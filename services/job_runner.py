@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 import structlog
 
-from twolane.models.tokenizer import Tokenizer
 from twolane.scheduler.client import EngineClient
 from twolane.scheduler.protocol import EngineAddress
 from twolane.services import jobs, options
 from twolane.services.config import JobRunnerProcessConfig
 from twolane.services.loop_lag import watch_loop_lag
-from twolane.services.process import run_process, signal_ready, stop_event
+from twolane.services.process import run_process, settle_heap, signal_ready, stop_event
+from twolane.services.prompts import ModelPrompts
 from twolane.services.validation import ModelLimits
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,9 @@ def main(args: argparse.Namespace) -> int:
 async def run_job_runner(config: JobRunnerProcessConfig) -> None:
     """Pull and run jobs until SIGTERM or SIGINT; then finish or give back running ones."""
     stop = stop_event()
+
+    if os.environ.get("EXP_NICE"):
+        os.nice(int(os.environ["EXP_NICE"]))
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(watch_loop_lag("jobs"))
         engine = EngineClient(EngineAddress(Path(config.child.ipc_dir)), name="jobs")
@@ -52,14 +56,15 @@ async def run_job_runner(config: JobRunnerProcessConfig) -> None:
         info = await engine.wait_ready_unless(stop)
         if info is None:
             return
-        tokenizer = Tokenizer.from_dir(Path(info.model_dir))
+        prompts = ModelPrompts.from_dir(Path(info.model_dir))
         limits = ModelLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len)
         nc, store = await jobs.start_job_store(
-            stack, config.jobs, jobs.model_validator(limits, tokenizer), name="twolane-jobs"
+            stack, config.jobs, jobs.model_validator(limits, prompts), name="twolane-jobs"
         )
         await jobs.start_job_worker(
-            stack, nc, store, engine, tokenizer, config.jobs, config.grace_period_s
+            stack, nc, store, engine, prompts, config.jobs, config.grace_period_s
         )
+        settle_heap()
         signal_ready(config.child.ready_fd)
         await stop.wait()
         log.info("draining", grace_period_s=config.grace_period_s)

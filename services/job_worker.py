@@ -48,8 +48,8 @@ from twolane.services.validation import ModelLimits, validate_generate
 from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
 
 if TYPE_CHECKING:
-    from twolane.models.tokenizer import Tokenizer
     from twolane.scheduler.client import EngineClient
+    from twolane.services.prompts import ModelPrompts
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +82,7 @@ class JobWorker:
         nc: a live NATS connection.
         store: the job records, results and events.
         engine: a ready client of the engine core the jobs run on (priority = the tier).
-        tokenizer: the engine's model's tokenizer, for prompts given as text.
+        prompts: the engine's model's tokenizer and chat template.
         config: ack wait, deliveries, backoff, in-flight cap, fault injection.
         worker_id: names this worker in job records and logs.
     """
@@ -92,7 +92,7 @@ class JobWorker:
         nc: NATS,
         store: JobStore,
         engine: EngineClient,
-        tokenizer: Tokenizer,
+        prompts: ModelPrompts,
         config: JobsConfig,
         worker_id: str,
     ) -> None:
@@ -101,7 +101,7 @@ class JobWorker:
         self.js: JetStreamContext = nc.jetstream()
         self.store = store
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.prompts = prompts
         self.limits = ModelLimits(
             vocab_size=engine.info.vocab_size, max_model_len=engine.info.max_model_len
         )
@@ -385,10 +385,10 @@ class JobWorker:
         prefix = self.config.fail_prompt_prefix
         if prefix and request.prompt.startswith(prefix):
             raise TransientJobError("fault injected by TWOLANE_FAULT_FAIL_PROMPT_PREFIX")
-        valid = validate_generate(request, self.limits, self.tokenizer.encode, prefix="request.")
+        valid = validate_generate(request, self.limits, self.prompts, prefix="request.")
         updates = generate(
             self.engine,
-            self.tokenizer,
+            self.prompts.tokenizer,
             request_id,
             valid,
             Priority[tier.upper()],

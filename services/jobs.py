@@ -17,12 +17,13 @@ from twolane.services.config import JobsConfig
 from twolane.services.jetstream import DEFAULT_TENANT
 from twolane.services.job_store import JobStore, Validator
 from twolane.services.nats_embedded import EmbeddedNats
+from twolane.services.prompts import ShapeOnly
 from twolane.services.validation import ModelLimits, validate_generate
 from twolane.v1 import generate_pb2, jobs_pb2
 
 if TYPE_CHECKING:
-    from twolane.models.tokenizer import Tokenizer
     from twolane.scheduler.client import EngineClient
+    from twolane.services.prompts import ModelPrompts, PromptEncoder
 
 log = structlog.get_logger(__name__)
 
@@ -53,22 +54,18 @@ class JobService(Protocol):
     ) -> jobs_pb2.CancelJobResponse: ...
 
 
-def model_validator(limits: ModelLimits, tokenizer: Tokenizer) -> Validator:
+def model_validator(limits: ModelLimits, prompts: PromptEncoder) -> Validator:
     """Checks a job's request against the engine's model, as Generate does."""
 
     def validate(request: generate_pb2.GenerateRequest) -> None:
-        validate_generate(request, limits, tokenizer.encode, prefix="request.")
+        validate_generate(request, limits, prompts, prefix="request.")
 
     return validate
 
 
 def shape_validator(request: generate_pb2.GenerateRequest) -> None:
     """Checks a job's request without a model; the worker checks the rest."""
-    validate_generate(request, _NO_MODEL_LIMITS, _nonempty_tokens, prefix="request.")
-
-
-def _nonempty_tokens(text: str) -> list[int]:
-    return list(text.encode())
+    validate_generate(request, _NO_MODEL_LIMITS, ShapeOnly(), prefix="request.")
 
 
 async def start_nats(stack: contextlib.AsyncExitStack, config: JobsConfig) -> str:
@@ -135,13 +132,13 @@ async def start_job_worker(
     nc: NATS,
     store: JobStore,
     engine: EngineClient,
-    tokenizer: Tokenizer,
+    prompts: ModelPrompts,
     config: JobsConfig,
     grace_period_s: float,
 ) -> None:
     from twolane.services.job_worker import JobWorker
 
-    worker = JobWorker(nc, store, engine, tokenizer, config, worker_id=default_worker_id())
+    worker = JobWorker(nc, store, engine, prompts, config, worker_id=default_worker_id())
     await worker.start()
     stack.push_async_callback(worker.stop, grace_period_s)
 

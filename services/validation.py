@@ -11,9 +11,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
+from twolane.models.chat import ChatTemplateError
 from twolane.scheduler.request import SamplingParams
 from twolane.services import convert
 from twolane.services.errors import FieldViolation, InvalidArgumentError
+from twolane.services.prompts import ChatUnavailableError, PromptEncoder
 from twolane.v1 import generate_pb2
 
 MAX_STOP_STRINGS = 16
@@ -38,43 +42,65 @@ class ValidRequest:
 def validate_generate(
     request: GenerateMessage,
     limits: ModelLimits,
-    tokenize: Callable[[str], list[int]],
+    prompts: PromptEncoder,
     *,
     prefix: str = "",
 ) -> ValidRequest:
-    """Return the request in engine terms, or raise InvalidArgumentError."""
+    """Return the request in engine terms, or raise InvalidArgumentError.
+
+    The prompt is tokenized here, once; the token ids travel on in the ValidRequest.
+    """
     violations: list[FieldViolation] = []
 
     def bad(field: str, description: str) -> None:
         violations.append(FieldViolation(prefix + field, description))
 
-    prompt_token_ids = _check_prompt(request, limits, tokenize, bad)
+    prompt_token_ids = _check_prompt(request, limits, prompts, bad)
     _check_params(request.params, limits, bad)
     if violations:
         raise InvalidArgumentError(violations)
-    return ValidRequest(prompt_token_ids, convert.sampling_params(request.params))
+    params = convert.sampling_params(request.params)
+    if request.messages:
+        # A chat reply ends with the assistant's turn, whatever the model's EOS is.
+        extra = [t for t in prompts.chat_stop_token_ids if t not in params.stop_token_ids]
+        params = msgspec.structs.replace(params, stop_token_ids=(*params.stop_token_ids, *extra))
+    return ValidRequest(prompt_token_ids, params)
 
 
 def _check_prompt(
     request: GenerateMessage,
     limits: ModelLimits,
-    tokenize: Callable[[str], list[int]],
+    prompts: PromptEncoder,
     bad: Callable[[str, str], None],
 ) -> list[int]:
-    if request.prompt and request.prompt_token_ids:
-        bad("prompt_token_ids", "set either prompt or prompt_token_ids, not both")
+    given = [
+        name
+        for name, is_set in (
+            ("prompt", bool(request.prompt)),
+            ("prompt_token_ids", bool(request.prompt_token_ids)),
+            ("messages", bool(request.messages)),
+        )
+        if is_set
+    ]
+    if len(given) > 1:
+        bad(given[-1], f"set exactly one of prompt, prompt_token_ids and messages, not {given}")
         return []
-    if not request.prompt and not request.prompt_token_ids:
-        bad("prompt", "the prompt is empty; set prompt or prompt_token_ids")
+    if not given:
+        bad("prompt", "the prompt is empty; set prompt, prompt_token_ids or messages")
         return []
-    if request.prompt_token_ids:
-        field, token_ids = "prompt_token_ids", list(request.prompt_token_ids)
+    field = given[0]
+    if field == "prompt_token_ids":
+        token_ids = list(request.prompt_token_ids)
         outside = _first_outside_vocab(token_ids, limits.vocab_size)
         if outside is not None:
             bad(field, outside)
             return []
+    elif field == "messages":
+        token_ids = _encode_chat(request, prompts, bad)
+        if token_ids is None:
+            return []
     else:
-        field, token_ids = "prompt", tokenize(request.prompt)
+        token_ids = prompts.encode(request.prompt)
         if not token_ids:
             bad(field, "the prompt encodes to no tokens")
             return []
@@ -85,6 +111,20 @@ def _check_prompt(
             f"{limits.max_model_len}, which leaves no room to generate",
         )
     return token_ids
+
+
+def _encode_chat(
+    request: GenerateMessage, prompts: PromptEncoder, bad: Callable[[str, str], None]
+) -> list[int] | None:
+    for index, message in enumerate(request.messages):
+        if not message.role:
+            bad(f"messages[{index}].role", "every message needs a role (system, user, ...)")
+            return None
+    try:
+        return prompts.encode_chat([(m.role, m.content) for m in request.messages])
+    except (ChatUnavailableError, ChatTemplateError) as exc:
+        bad("messages", str(exc))
+        return None
 
 
 def _check_params(

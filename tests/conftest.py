@@ -15,6 +15,9 @@ os.environ.setdefault("TWOLANE_CACHE_DIR", str(Path(__file__).parent.parent / ".
 # this process: one intra-op thread each avoids parallel ops stalling on a busy core.
 torch.set_num_threads(1)
 os.environ.setdefault("TWOLANE_THREADS", "1")
+# Servers the tests start run the tiny built-in model unless a test asks for another:
+# the default, SmolLM2, has its own tests.
+os.environ.setdefault("TWOLANE_MODEL", "builtin")
 
 
 @pytest.fixture(scope="session")

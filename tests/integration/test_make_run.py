@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def make_run() -> Iterator[ServerProcess]:
     """`make run` as the README says, on a free port and a private data dir."""
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "TWOLANE_MODEL"},  # the default model
         "TWOLANE_PORT": "0",
         "TWOLANE_DATA_DIR": tempfile.mkdtemp(prefix="twolane-make-run-"),
     }
@@ -47,12 +47,32 @@ def twolane(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([TWOLANE, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_generate_against_make_run_prints_text(make_run: ServerProcess) -> None:
+def test_generate_against_make_run_prints_english(make_run: ServerProcess) -> None:
+    """The default model is a real one: its greedy answer names the city."""
     result = twolane(
-        "generate", "Once upon a time", "--max-tokens", "16", "--target", make_run.address
+        "generate", "The capital of France is", "--max-tokens", "16", "--target", make_run.address
     )
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.strip()) > 0
+    assert "Paris" in result.stdout, result.stdout
+
+
+def test_a_chat_turn_against_make_run_is_answered_and_ends_its_turn(
+    make_run: ServerProcess,
+) -> None:
+    result = twolane(
+        "generate",
+        "--chat",
+        "What is the capital of France? Answer in one word.",
+        "--max-tokens",
+        "32",
+        "--json",
+        "--target",
+        make_run.address,
+    )
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert "Paris" in reply["text"] and "<|im_end|>" not in reply["text"]
+    assert reply["finishReason"] == "FINISH_REASON_STOP"
 
 
 @pytest.mark.slow

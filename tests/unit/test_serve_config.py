@@ -20,10 +20,10 @@ def parse_serve(*argv: str) -> ServeConfig:
     return ServeConfig.from_args(build_parser().parse_args(["serve", *argv]))
 
 
-def test_defaults_serve_the_builtin_model_on_localhost() -> None:
+def test_defaults_serve_smollm2_on_localhost() -> None:
     config = parse_serve()
     assert (config.engine.model, config.listen.host, config.listen.port) == (
-        "builtin",
+        "smollm2",
         "127.0.0.1",
         50051,
     )

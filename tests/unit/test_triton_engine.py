@@ -30,6 +30,7 @@ PROMPTS = [
 
 def _generate(attention_backend: str) -> list[list[int]]:
     config = EngineConfig(
+        model="builtin",
         attention_backend=attention_backend,
         num_blocks=64,
         # Small enough that the longer prompts are prefilled in chunks.

@@ -8,14 +8,12 @@ import pytest
 
 from twolane.scheduler.request import SamplingParams
 from twolane.services.errors import InvalidArgumentError
+from twolane.services.prompts import ShapeOnly
 from twolane.services.validation import ModelLimits, validate_generate
 from twolane.v1 import generate_pb2
 
 LIMITS = ModelLimits(vocab_size=258, max_model_len=64)
-
-
-def byte_tokenize(text: str) -> list[int]:
-    return list(text.encode())
+BYTES = ShapeOnly()  # a byte per character, as the built-in model's tokenizer
 
 
 def validate(**fields: object) -> object:
@@ -23,7 +21,7 @@ def validate(**fields: object) -> object:
     request = generate_pb2.GenerateRequest(**fields)
     if params is not None:
         request.params.CopyFrom(generate_pb2.SamplingParams(**params))
-    return validate_generate(request, LIMITS, byte_tokenize)
+    return validate_generate(request, LIMITS, BYTES)
 
 
 def violated_fields(**fields: object) -> list[str]:
@@ -117,11 +115,11 @@ def test_every_bad_field_is_reported_at_once() -> None:
 def test_prefix_names_fields_inside_an_enclosing_message() -> None:
     request = generate_pb2.GenerateRequest(prompt="a", params=generate_pb2.SamplingParams(top_k=-1))
     with pytest.raises(InvalidArgumentError) as info:
-        validate_generate(request, LIMITS, byte_tokenize, prefix="request.")
+        validate_generate(request, LIMITS, BYTES, prefix="request.")
     assert [v.field for v in info.value.violations] == ["request.params.top_k"]
 
 
 def test_stream_requests_are_validated_alike() -> None:
     request = generate_pb2.GenerateStreamRequest(prompt="", prompt_token_ids=[])
     with pytest.raises(InvalidArgumentError):
-        validate_generate(request, LIMITS, byte_tokenize)
+        validate_generate(request, LIMITS, BYTES)

@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19twolane/v1/generate.proto\x12\ntwolane.v1\"\xe2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"g\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.twolane.v1.SamplingParams\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"D\n\x06Timing\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x03 \x01(\x01\"\xd0\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.twolane.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.twolane.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.twolane.v1.Timing\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"m\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.twolane.v1.SamplingParams\"\xd6\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.twolane.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.twolane.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.twolane.v1.Timing\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x12\n\nrequest_id\x18\x07 \x01(\t*\xad\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19twolane/v1/generate.proto\x12\ntwolane.v1\"\xe2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.twolane.v1.SamplingParams\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.twolane.v1.ChatMessage\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"D\n\x06Timing\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x03 \x01(\x01\"\xd0\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.twolane.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.twolane.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.twolane.v1.Timing\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\x98\x01\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.twolane.v1.SamplingParams\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.twolane.v1.ChatMessage\"\xd6\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.twolane.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.twolane.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.twolane.v1.Timing\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x12\n\nrequest_id\x18\x07 \x01(\t*\xad\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twolane.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1067
-  _globals['_FINISHREASON']._serialized_end=1240
+  _globals['_FINISHREASON']._serialized_start=1201
+  _globals['_FINISHREASON']._serialized_end=1374
   _globals['_SAMPLINGPARAMS']._serialized_start=42
   _globals['_SAMPLINGPARAMS']._serialized_end=268
-  _globals['_GENERATEREQUEST']._serialized_start=270
-  _globals['_GENERATEREQUEST']._serialized_end=373
-  _globals['_USAGE']._serialized_start=375
-  _globals['_USAGE']._serialized_end=455
-  _globals['_TIMING']._serialized_start=457
-  _globals['_TIMING']._serialized_end=525
-  _globals['_GENERATERESPONSE']._serialized_start=528
-  _globals['_GENERATERESPONSE']._serialized_end=736
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=738
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=847
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=850
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1064
+  _globals['_CHATMESSAGE']._serialized_start=270
+  _globals['_CHATMESSAGE']._serialized_end=314
+  _globals['_GENERATEREQUEST']._serialized_start=317
+  _globals['_GENERATEREQUEST']._serialized_end=463
+  _globals['_USAGE']._serialized_start=465
+  _globals['_USAGE']._serialized_end=545
+  _globals['_TIMING']._serialized_start=547
+  _globals['_TIMING']._serialized_end=615
+  _globals['_GENERATERESPONSE']._serialized_start=618
+  _globals['_GENERATERESPONSE']._serialized_end=826
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=829
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=981
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=984
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1198
 # @@protoc_insertion_point(module_scope)
