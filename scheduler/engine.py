@@ -14,7 +14,7 @@ import msgspec
 import structlog
 
 from twolane.kernels.attention import get_attention_backend
-from twolane.models.batch import BatchSequence, LayerHook, SamplingRow
+from twolane.models.batch import BatchSequence, ForwardHook, SamplingRow
 from twolane.models.config import ModelConfig
 from twolane.models.loader import DTYPES, load_model
 from twolane.models.resolve import resolve_model_dir
@@ -174,7 +174,7 @@ class EngineCore:
 
     # ---- stepping --------------------------------------------------------------
 
-    def step(self, hook: LayerHook | None = None) -> list[TokenOutput]:
+    def step(self, hook: ForwardHook | None = None) -> list[TokenOutput]:
         """Run one scheduling step and return the outputs it produced.
 
         `hook` runs between two layers of the step's forward pass; it may call
@@ -222,7 +222,7 @@ class EngineCore:
         self,
         scheduled: list[ScheduledSequence],
         now: float,
-        hook: LayerHook | None,
+        hook: ForwardHook | None,
         regular: bool,
     ) -> list[TokenOutput]:
         self.num_steps += 1

@@ -71,7 +71,7 @@ class _Arrivals:
         self._results = results
         self._engine = engine
 
-    def after_layer(self, layer_index: int) -> None:
+    def safe_point(self) -> None:
         self._arrive()  # type: ignore[operator]
         collect(self._results, self._engine.urgent_step())
 

@@ -203,7 +203,7 @@ class _ArriveOnce:
         self.engine, self.arrive = engine, arrive
         self.urgent_outputs: list[list[str]] = []
 
-    def after_layer(self, layer_index: int) -> None:
+    def safe_point(self) -> None:
         if not self.urgent_outputs:
             self.arrive()
             self.urgent_outputs.append([out.request_id for out in self.engine.urgent_step()])
