@@ -201,6 +201,7 @@ class EngineClient:
         priority: Priority = Priority.INTERACTIVE,
         deadline_s: float | None = None,
         stream: bool = True,
+        tenant: str = "default",
     ) -> RequestStream:
         """Queue a validated request; iterate the returned stream for its outputs.
 
@@ -222,6 +223,7 @@ class EngineClient:
             arrival_time_s=time.monotonic(),
             deadline_s=deadline_s,
             stream=stream,
+            tenant=tenant,
         )
         if not self._send(command):
             del self._streams[request_id]
@@ -263,6 +265,12 @@ class EngineClient:
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    def held_for_tenant(self, tenant: str) -> int | None:
+        """Requests the core holds for `tenant` (every client's), as of its last load."""
+        if self.load is None:
+            return None
+        return self.load.num_requests_by_tenant.get(tenant, 0)
 
     # ---- sockets -----------------------------------------------------------------
 

@@ -78,7 +78,7 @@ class EngineCoreProc:
         self._interactive_arrived = False
         self._in_step = False
         self._stopping = False
-        self._last_load: tuple[int, ...] = ()
+        self._last_load: tuple[object, ...] = ()
         self._last_publish_s = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -293,13 +293,14 @@ class EngineCoreProc:
             self._pub.send(command_encoder.encode(load), zmq.NOBLOCK)
 
 
-def _load_key(load: Load) -> tuple[int, ...]:
+def _load_key(load: Load) -> tuple[object, ...]:
     return (
         load.num_running_interactive,
         load.num_waiting_interactive,
         load.num_running_batch,
         load.num_waiting_batch,
         load.num_free_blocks,
+        tuple(sorted(load.num_requests_by_tenant.items())),
     )
 
 

@@ -6,6 +6,7 @@ Token ids in, token ids out: text, tokenizing and stop strings belong to the fro
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from pathlib import Path
@@ -126,6 +127,7 @@ class EngineCore:
             arrival_time_s=request.arrival_time_s,
             deadline_s=request.deadline_s,
             generator=None if params.is_greedy else make_generator(params.seed),
+            tenant=request.tenant,
         )
         self._requests[request.request_id] = _RequestState(seq, request.stream)
         self.scheduler.add(seq)
@@ -352,6 +354,7 @@ class EngineCore:
         running, waiting = self.scheduler.running, self.scheduler.waiting
         num_running_batch = sum(1 for s in running if s.priority.is_batch)
         num_waiting_batch = sum(1 for s in waiting if s.priority.is_batch)
+        by_tenant = collections.Counter(state.seq.tenant for state in self._requests.values())
         return Load(
             instance_id=self.instance_id,
             num_steps=self.num_steps,
@@ -362,6 +365,7 @@ class EngineCore:
             max_num_batch_seqs=self.scheduler.max_num_batch_seqs,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_total_blocks=self.block_manager.num_blocks,
+            num_requests_by_tenant=dict(by_tenant),
         )
 
     def generate(

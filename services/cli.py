@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "twolane.services.engine_core",
     "twolane.services.frontend",
     "twolane.services.job_runner",
+    "twolane.services.keys_cli",
 )
 
 

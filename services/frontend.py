@@ -22,14 +22,18 @@ from twolane.scheduler.client import EngineClient
 from twolane.scheduler.protocol import EngineAddress
 from twolane.scheduler.request import Priority
 from twolane.services import convert, jobs, options
+from twolane.services.audit import AuditLog
+from twolane.services.auth import current_principal
 from twolane.services.config import FrontendProcessConfig
 from twolane.services.errors import NotConfiguredError
 from twolane.services.generation import RequestOutput, generate
 from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
+from twolane.services.keys import KeyStore, Principal
 from twolane.services.loop_lag import watch_loop_lag
 from twolane.services.process import run_process, settle_heap, signal_ready, stop_event
 from twolane.services.prompts import ModelPrompts
+from twolane.services.quotas import Reservation, TenantQuotas
 from twolane.services.status import grpc_errors
 from twolane.services.validation import (
     GenerateMessage,
@@ -49,15 +53,29 @@ _NO_JOBS = (
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """The public API over one engine core and, when configured, a job service."""
+    """The public API over one engine core and, when configured, a job service.
+
+    The caller is `current_principal()` (the default tenant when auth is off): its tenant
+    scopes jobs, and its limits are enforced by `quotas`; every job operation goes to the
+    audit log when there is one.
+    """
 
     def __init__(
-        self, engine: EngineClient, prompts: ModelPrompts, jobs: JobService | None = None
+        self,
+        engine: EngineClient,
+        prompts: ModelPrompts,
+        jobs: JobService | None = None,
+        quotas: TenantQuotas | None = None,
+        audit: AuditLog | None = None,
+        log_prompts: bool = False,
     ) -> None:
         assert engine.info is not None, "the engine client must be ready"
         self._engine = engine
         self._prompts = prompts
         self._jobs = jobs
+        self._quotas = quotas or TenantQuotas()
+        self._audit = audit
+        self._log_prompts = log_prompts
         self._limits = ModelLimits(
             vocab_size=engine.info.vocab_size, max_model_len=engine.info.max_model_len
         )
@@ -90,19 +108,53 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        return await self._require_jobs().submit_job(request)
+        principal = current_principal()
+        jobs = self._require_jobs()
+        try:
+            params = request.request.params
+            max_tokens = params.max_tokens if params.HasField("max_tokens") else 16
+            num_tokens = len(request.request.prompt_token_ids) or len(request.request.prompt)
+            # A job's tokens are counted when it is submitted: it runs in another process.
+            self._quotas.admit(principal, num_tokens + max_tokens, concurrent=False)
+            reply = await jobs.submit_job(request, principal.tenant)
+        except Exception as exc:
+            self._record("submit", principal, "", exc)
+            raise
+        self._record("submit", principal, reply.job_id, None)
+        return reply
 
     @grpc_errors
     async def GetResult(
         self, request: jobs_pb2.GetResultRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.GetResultResponse:
-        return await self._require_jobs().get_result(request)
+        principal = current_principal()
+        try:
+            reply = await self._require_jobs().get_result(request, principal.tenant)
+        except Exception as exc:
+            self._record("result", principal, request.job_id, exc)
+            raise
+        self._record("result", principal, request.job_id, None)
+        return reply
 
     @grpc_errors
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.CancelJobResponse:
-        return await self._require_jobs().cancel_job(request)
+        principal = current_principal()
+        try:
+            reply = await self._require_jobs().cancel_job(request, principal.tenant)
+        except Exception as exc:
+            self._record("cancel", principal, request.job_id, exc)
+            raise
+        self._record("cancel", principal, request.job_id, None)
+        return reply
+
+    def _record(
+        self, operation: str, principal: Principal, job_id: str, error: Exception | None
+    ) -> None:
+        if self._audit is not None:
+            outcome = "ok" if error is None else type(error).__name__
+            self._audit.record(operation, principal, job_id, outcome)
 
     def _require_jobs(self) -> JobService:
         if self._jobs is None:
@@ -112,8 +164,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def _submit(
         self, request: GenerateMessage, context: grpc.aio.ServicerContext, stream: bool = True
     ) -> tuple[str, AsyncIterator[RequestOutput]]:
-        """Validate and enqueue; returns the request id and its updates."""
+        """Validate, count against the tenant's quotas and enqueue; returns the request id
+        and its updates."""
+        principal = current_principal()
         valid = validate_generate(request, self._limits, self._prompts)
+        reservation = self._quotas.admit(
+            principal, len(valid.prompt_token_ids) + valid.params.max_tokens
+        )
         request_id = uuid.uuid4().hex
         outputs = generate(
             self._engine,
@@ -123,22 +180,39 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             Priority.INTERACTIVE,
             _deadline_s(context),
             stream=stream,
+            tenant=principal.tenant,
         )
-        return request_id, self._logged(request_id, outputs)
+        return request_id, self._accounted(request_id, request, outputs, reservation)
 
-    async def _logged(
-        self, request_id: str, outputs: AsyncIterator[RequestOutput]
+    async def _accounted(
+        self,
+        request_id: str,
+        request: GenerateMessage,
+        outputs: AsyncIterator[RequestOutput],
+        reservation: Reservation,
     ) -> AsyncIterator[RequestOutput]:
-        async for out in outputs:
-            if out.finished:
-                log.info(
-                    "request finished",
-                    request_id=request_id,
-                    finish_reason=out.finish_reason.value if out.finish_reason else None,
-                    prompt_tokens=out.num_prompt_tokens,
-                    completion_tokens=out.num_output_tokens,
-                )
-            yield out
+        """The updates, with the tokens the request used settled and its end logged."""
+        used = 0
+        text: list[str] = []
+        try:
+            async for out in outputs:
+                reservation.started()
+                used = out.num_prompt_tokens + out.num_output_tokens
+                if self._log_prompts:
+                    text.append(out.new_text)
+                if out.finished:
+                    fields = {"prompt": request.prompt, "output": "".join(text)}
+                    log.info(
+                        "request finished",
+                        request_id=request_id,
+                        finish_reason=out.finish_reason.value if out.finish_reason else None,
+                        prompt_tokens=out.num_prompt_tokens,
+                        completion_tokens=out.num_output_tokens,
+                        **(fields if self._log_prompts else {}),
+                    )
+                yield out
+        finally:
+            reservation.settle(used)
 
 
 def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
@@ -173,6 +247,8 @@ def main(args: argparse.Namespace) -> int:
 async def run_frontend(config: FrontendProcessConfig) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight calls and stop."""
     stop = stop_event()
+    security = config.security
+    keys = KeyStore(Path(security.api_keys)) if security.auth_on else None
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(watch_loop_lag("frontend"))
         engine = EngineClient(EngineAddress(Path(config.child.ipc_dir)), name="frontend")
@@ -184,13 +260,22 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
         prompts = ModelPrompts.from_dir(Path(info.model_dir))
         limits = ModelLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len)
         _, store = await jobs.start_job_store(
-            stack, config.jobs, jobs.model_validator(limits, prompts), name="twolane-frontend"
+            stack,
+            config.jobs,
+            jobs.model_validator(limits, prompts),
+            name="twolane-frontend",
+            tenant_max_queued=config.jobs.tenant_max_queued_jobs if keys else None,
         )
-        servicer = InferenceServicer(engine, prompts, store)
+        audit = AuditLog(security.audit_path(config.jobs.data_dir))
+        stack.callback(audit.close)
+        quotas = TenantQuotas(1 / config.api_server_count, held_by_core=engine.held_for_tenant)
+        servicer = InferenceServicer(engine, prompts, store, quotas, audit, security.log_prompts)
         server = await start_grpc_server(
             stack,
             servicer,
             config.listen,
+            security=security,
+            keys=keys,
             reuse_port=config.reuse_port,
             engine=engine,
         )

@@ -54,6 +54,7 @@ async def generate(
     priority: Priority,
     deadline_s: float | None,
     stream: bool = True,
+    tenant: str = "default",
 ) -> AsyncIterator[RequestOutput]:
     """Run `valid` on the engine and yield its updates; the last one has `finished`.
 
@@ -73,6 +74,7 @@ async def generate(
         priority=priority,
         deadline_s=deadline_s,
         stream=stream or bool(params.stop),
+        tenant=tenant,
     )
     text = TextAssembler(tokenizer, valid.prompt_token_ids, params.stop)
     num_output_tokens = 0

@@ -24,7 +24,8 @@ from google.protobuf import json_format
 from tqdm import tqdm
 
 from twolane.services import jetstream
-from twolane.services.config import DEFAULT_PORT, default_data_dir, env_default
+from twolane.services.channel import Connection, add_connection_args
+from twolane.services.config import default_data_dir, env_default
 from twolane.services.generate_cli import describe_error
 from twolane.services.nats_embedded import read_url_file
 from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
@@ -96,11 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--target",
-        default=env_default("TWOLANE_TARGET", f"127.0.0.1:{DEFAULT_PORT}"),
-        help="server address HOST:PORT (env TWOLANE_TARGET)",
-    )
+    add_connection_args(parser)
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +124,9 @@ def submit_main(args: argparse.Namespace) -> int:
     )
     if args.deadline is not None:
         request.deadline.FromNanoseconds(time.time_ns() + int(args.deadline * 1e9))
-    response = _call_once(args.target, lambda stub: stub.SubmitJob(request, timeout=RPC_TIMEOUT_S))
+    response = _call_once(
+        Connection.from_args(args), lambda stub: stub.SubmitJob(request, timeout=RPC_TIMEOUT_S)
+    )
     if response is None:
         return 1
     print(response.job_id)
@@ -136,7 +135,9 @@ def submit_main(args: argparse.Namespace) -> int:
 
 def result_main(args: argparse.Namespace) -> int:
     request = jobs_pb2.GetResultRequest(job_id=args.job_id)
-    response = _call_once(args.target, lambda stub: stub.GetResult(request, timeout=RPC_TIMEOUT_S))
+    response = _call_once(
+        Connection.from_args(args), lambda stub: stub.GetResult(request, timeout=RPC_TIMEOUT_S)
+    )
     if response is None:
         return 1
     print(_to_json(response))
@@ -145,7 +146,9 @@ def result_main(args: argparse.Namespace) -> int:
 
 def cancel_main(args: argparse.Namespace) -> int:
     request = jobs_pb2.CancelJobRequest(job_id=args.job_id)
-    response = _call_once(args.target, lambda stub: stub.CancelJob(request, timeout=RPC_TIMEOUT_S))
+    response = _call_once(
+        Connection.from_args(args), lambda stub: stub.CancelJob(request, timeout=RPC_TIMEOUT_S)
+    )
     if response is None:
         return 1
     print(_to_json(response))
@@ -153,10 +156,10 @@ def cancel_main(args: argparse.Namespace) -> int:
 
 
 def _call_once(
-    target: str, call: Callable[[inference_pb2_grpc.InferenceServiceStub], R]
+    connection: Connection, call: Callable[[inference_pb2_grpc.InferenceServiceStub], R]
 ) -> R | None:
     """One RPC on a channel of its own; on failure, say why on stderr and return None."""
-    with grpc.insecure_channel(target) as channel:
+    with connection.channel() as channel:
         try:
             return call(inference_pb2_grpc.InferenceServiceStub(channel))
         except grpc.RpcError as err:
@@ -234,7 +237,7 @@ def batch_main(args: argparse.Namespace) -> int:
     for custom_id, request in requests:
         request.idempotency_key = f"batch-{batch_key}-{custom_id}"
     try:
-        rows = asyncio.run(run_batch(args.target, requests))
+        rows = asyncio.run(run_batch(Connection.from_args(args), requests))
     except grpc.aio.AioRpcError as err:
         print(describe_error(err), file=sys.stderr)
         return 1
@@ -313,11 +316,11 @@ def _sampling_params(body: dict[str, Any], default_max_tokens: int) -> generate_
 
 
 async def run_batch(
-    target: str, requests: list[tuple[str, jobs_pb2.SubmitJobRequest]]
+    connection: Connection, requests: list[tuple[str, jobs_pb2.SubmitJobRequest]]
 ) -> list[dict[str, Any]]:
     """Submit every request, wait for every job, return output rows in input order."""
     limit = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with connection.aio_channel() as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
         async def submit(request: jobs_pb2.SubmitJobRequest) -> jobs_pb2.SubmitJobResponse:

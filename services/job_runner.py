@@ -17,6 +17,7 @@ from twolane.scheduler.client import EngineClient
 from twolane.scheduler.protocol import EngineAddress
 from twolane.services import jobs, options
 from twolane.services.config import JobRunnerProcessConfig
+from twolane.services.keys import KeyStore
 from twolane.services.loop_lag import watch_loop_lag
 from twolane.services.process import run_process, settle_heap, signal_ready, stop_event
 from twolane.services.prompts import ModelPrompts
@@ -61,8 +62,14 @@ async def run_job_runner(config: JobRunnerProcessConfig) -> None:
         nc, store = await jobs.start_job_store(
             stack, config.jobs, jobs.model_validator(limits, prompts), name="twolane-jobs"
         )
+        keys = KeyStore(Path(config.security.api_keys)) if config.security.auth_on else None
+
+        def tenant_limit(tenant: str) -> int:
+            limits = keys.tenants().get(tenant) if keys is not None else None
+            return limits.max_concurrent if limits is not None else 0
+
         await jobs.start_job_worker(
-            stack, nc, store, engine, prompts, config.jobs, config.grace_period_s
+            stack, nc, store, engine, prompts, config.jobs, config.grace_period_s, tenant_limit
         )
         settle_heap()
         signal_ready(config.child.ready_fd)

@@ -23,10 +23,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NATS
 
 from twolane.services import jetstream
+from twolane.services.config import JobsConfig
 from twolane.services.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    RateLimitedError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -51,6 +53,7 @@ TIER_NAMES = {
 MAX_KEY_CHARS = 256
 _STORE_FULL = 10077  # JSStreamStoreFailedF: the stream's max_msgs or max_bytes is reached
 _MAX_UPDATE_TRIES = 16
+TENANT_QUEUE_RETRY_S = 30.0
 
 Validator = Callable[[generate_pb2.GenerateRequest], None]
 
@@ -99,11 +102,22 @@ class JobStore:
             so it checks the message's shape only and the worker does the rest.
     """
 
-    def __init__(self, nc: NATS, buckets: Buckets, validate: Validator) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        buckets: Buckets,
+        validate: Validator,
+        config: JobsConfig | None = None,
+        tenant_max_queued: int | None = None,
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.buckets = buckets
         self._validate = validate
+        self._config = config or JobsConfig()
+        # With auth on, each tenant may queue this many jobs (None: no per-tenant cap).
+        self._tenant_max_queued = tenant_max_queued
+        self._tenants_with_consumers = {DEFAULT_TENANT}
 
     # ---- the JobService API ----------------------------------------------------
 
@@ -121,6 +135,7 @@ class JobStore:
                     await self.buckets.idempotency.create(key, job_id.encode())
                 except nats.js.errors.KeyWrongLastSequenceError:
                     return await self._existing_job(key, request, tenant)
+            await self._check_tenant_queue(tenant)
             record = queued_record(job_id, tenant, request)
             await self.buckets.jobs.create(job_id, record.SerializeToString())
             try:
@@ -297,11 +312,31 @@ class JobStore:
         if violations:
             raise InvalidArgumentError(violations)
 
+    async def _check_tenant_queue(self, tenant: str) -> None:
+        """Refuse a job past the tenant's queue cap: one tenant must not fill the shared
+        queue (every tenant's jobs share TWOLANE_JOBS and its limits)."""
+        if self._tenant_max_queued is None:
+            return
+        subjects = {jetstream.job_subject(tier, tenant) for tier in jetstream.TIERS}
+        info = await self.js.stream_info(
+            jetstream.JOBS_STREAM, subjects_filter=jetstream.job_subject("*", tenant)
+        )
+        num_queued = sum(n for s, n in (info.state.subjects or {}).items() if s in subjects)
+        if num_queued >= self._tenant_max_queued:
+            raise RateLimitedError(
+                f"tenant {tenant!r} has {num_queued} jobs queued, its limit; "
+                "retry when some have run",
+                retry_after_s=TENANT_QUEUE_RETRY_S,
+            )
+
     async def _enqueue(self, record: job_record_pb2.JobRecord) -> None:
         ticket = job_record_pb2.JobTicket(job_id=record.job_id, tenant=record.tenant)
+        if record.tenant not in self._tenants_with_consumers:
+            await jetstream.ensure_tenant_consumers(self.js, self._config, record.tenant)
+            self._tenants_with_consumers.add(record.tenant)
         try:
             await self.js.publish(
-                jetstream.job_subject(tier_name(record.submission.tier)),
+                jetstream.job_subject(tier_name(record.submission.tier), record.tenant),
                 ticket.SerializeToString(),
                 stream=jetstream.JOBS_STREAM,
                 headers={jetstream.MSG_ID_HEADER: record.job_id},

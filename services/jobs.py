@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -16,6 +17,7 @@ from twolane.services import jetstream
 from twolane.services.config import JobsConfig
 from twolane.services.jetstream import DEFAULT_TENANT
 from twolane.services.job_store import JobStore, Validator
+from twolane.services.nats_auth import read_credentials
 from twolane.services.nats_embedded import EmbeddedNats
 from twolane.services.prompts import ShapeOnly
 from twolane.services.validation import ModelLimits, validate_generate
@@ -68,18 +70,22 @@ def shape_validator(request: generate_pb2.GenerateRequest) -> None:
     validate_generate(request, _NO_MODEL_LIMITS, ShapeOnly(), prefix="request.")
 
 
-async def start_nats(stack: contextlib.AsyncExitStack, config: JobsConfig) -> str:
-    """The URL to use: `config.nats_url`, or an embedded nats-server started here."""
+async def start_nats(
+    stack: contextlib.AsyncExitStack, config: JobsConfig, server_config: Path | None = None
+) -> str:
+    """The URL to use: `config.nats_url`, or an embedded nats-server started here (with
+    `server_config`, when given: users and permissions)."""
     if config.nats_url:
         return config.nats_url
-    embedded = EmbeddedNats(Path(config.data_dir))
+    embedded = EmbeddedNats(Path(config.data_dir), config_file=server_config)
     url = await embedded.start()
     stack.push_async_callback(embedded.stop)
     return url
 
 
-async def connect(stack: contextlib.AsyncExitStack, url: str, name: str) -> NATS:
-    """A connection that reconnects forever and drains on exit."""
+async def connect(stack: contextlib.AsyncExitStack, url: str, name: str, creds: str = "") -> NATS:
+    """A connection that reconnects forever and drains on exit; `creds` names a file with
+    the user and password to connect as."""
 
     async def on_disconnect() -> None:
         log.warning("nats disconnected", url=url)
@@ -90,10 +96,13 @@ async def connect(stack: contextlib.AsyncExitStack, url: str, name: str) -> NATS
     async def on_error(exc: Exception) -> None:
         log.debug("nats error", error=repr(exc))
 
+    user, password = read_credentials(Path(creds)) if creds else (None, None)
     try:
         nc = await nats.connect(
             url,
             name=name,
+            user=user,
+            password=password,
             connect_timeout=NATS_CONNECT_TIMEOUT_S,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
@@ -114,17 +123,23 @@ async def connect(stack: contextlib.AsyncExitStack, url: str, name: str) -> NATS
 
 
 async def start_job_store(
-    stack: contextlib.AsyncExitStack, config: JobsConfig, validate: Validator, name: str
+    stack: contextlib.AsyncExitStack,
+    config: JobsConfig,
+    validate: Validator,
+    name: str,
+    tenant_max_queued: int | None = None,
 ) -> tuple[NATS, JobStore]:
-    """Connect to NATS, lay out the streams and buckets, and return the store."""
+    """Connect to NATS, lay out the streams and buckets, and return the store.
+
+    `tenant_max_queued` caps each tenant's queued jobs (with auth on)."""
     url = await start_nats(stack, config)
-    nc = await connect(stack, url, name)
+    nc = await connect(stack, url, name, config.nats_creds)
     try:
         buckets = await jetstream.ensure_layout(nc.jetstream(), config)
     except Exception as exc:
         raise OSError(f"cannot set up JetStream at {url}: {exc}") from exc
     log.info("job queue ready", nats_url=url, stream=jetstream.JOBS_STREAM)
-    return nc, JobStore(nc, buckets, validate)
+    return nc, JobStore(nc, buckets, validate, config, tenant_max_queued)
 
 
 async def start_job_worker(
@@ -135,10 +150,13 @@ async def start_job_worker(
     prompts: ModelPrompts,
     config: JobsConfig,
     grace_period_s: float,
+    tenant_limit: Callable[[str], int] | None = None,
 ) -> None:
     from twolane.services.job_worker import JobWorker
 
-    worker = JobWorker(nc, store, engine, prompts, config, worker_id=default_worker_id())
+    worker = JobWorker(
+        nc, store, engine, prompts, config, default_worker_id(), tenant_limits=tenant_limit
+    )
     await worker.start()
     stack.push_async_callback(worker.stop, grace_period_s)
 

@@ -20,9 +20,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from twolane.scheduler.errors import EngineStoppedError, InvalidRequestError, QueueFullError
-from twolane.services.errors import FieldViolation, InvalidArgumentError, ServiceError
+from twolane.services.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    RateLimitedError,
+    ServiceError,
+)
 
 log = structlog.get_logger(__name__)
+
+# A full interactive queue drains within a few steps: try again soon.
+QUEUE_FULL_RETRY_S = 0.5
 
 _ENGINE_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,13 +58,25 @@ def to_status(exc: Exception) -> grpc.Status:
             message = str(exc)
     if not message:
         message = code.name.lower().replace("_", " ")
-    return _status(code, message, violations)
+    retry_after_s = exc.retry_after_s if isinstance(exc, RateLimitedError) else None
+    if isinstance(exc, QueueFullError):
+        retry_after_s = QUEUE_FULL_RETRY_S
+    return _status(code, message, violations, retry_after_s)
 
 
 def _status(
-    code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...]
+    code: grpc.StatusCode,
+    message: str,
+    violations: tuple[FieldViolation, ...],
+    retry_after_s: float | None = None,
 ) -> grpc.Status:
     details = []
+    if retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(max(0.0, retry_after_s) * 1e9))
+        packed_retry = any_pb2.Any()
+        packed_retry.Pack(retry)
+        details.append(packed_retry)
     if violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
