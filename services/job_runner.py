@@ -47,9 +47,9 @@ def main(args: argparse.Namespace) -> int:
 async def run_job_runner(config: JobRunnerProcessConfig) -> None:
     """Pull and run jobs until SIGTERM or SIGINT; then finish or give back running ones."""
     stop = stop_event()
-
-    if os.environ.get("EXP_NICE"):
-        os.nice(int(os.environ["EXP_NICE"]))
+    # Job bookkeeping yields the CPU to the processes that serve interactive calls: on a
+    # machine with few cores, a burst of it would otherwise delay a first token.
+    os.nice(config.jobs.niceness)
     async with contextlib.AsyncExitStack() as stack:
         engine = EngineClient(EngineAddress(Path(config.child.ipc_dir)), name="jobs")
         await engine.start()

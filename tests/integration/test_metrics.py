@@ -157,3 +157,23 @@ async def test_every_metric_the_dashboard_queries_is_in_a_live_scrape(
             break
         await asyncio.sleep(0.1)
     assert queried <= exported, sorted(queried - exported)
+
+
+def test_status_shows_the_engine_the_lanes_and_the_backlog(metrics_server: ServerProcess) -> None:
+    import subprocess
+
+    from .serving import TWOLANE
+
+    result = subprocess.run(
+        [TWOLANE, "status", "--target", metrics_server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "serving; model builtin; 1 worker(s)" in out
+    for row in ("interactive lane", "batch lane", "KV cache", "backlog urgent", "backlog bulk"):
+        assert row in out, out
+    assert "dead letters" in out and "queue serving" in out

@@ -193,3 +193,34 @@ async def test_jobs_health_and_readyz_follow_a_frozen_nats(tmp_path: Path) -> No
     finally:
         server.stop()
         nats_server.stop()
+
+
+def test_the_job_runner_runs_at_a_lower_cpu_priority() -> None:
+    import json
+
+    server = start_server("--log-json", "--job-niceness", "7")
+    try:
+        started = [json.loads(line) for line in server.lines if line.startswith("{")]
+        pids = {
+            e["role"]: int(e["pid"])
+            for e in started
+            if e.get("event") == "child started" and "role" in e
+        }
+        for _ in range(100):
+            if "jobs" in pids:
+                break
+            time.sleep(0.1)
+            started = [json.loads(line) for line in server.lines if line.startswith("{")]
+            pids = {
+                e["role"]: int(e["pid"])
+                for e in started
+                if e.get("event") == "child started" and "role" in e
+            }
+
+        def niceness(pid: int) -> int:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+        assert niceness(pids["jobs"]) == niceness(pids["frontend"]) + 7
+        assert niceness(pids["engine-core"]) == niceness(pids["frontend"])
+    finally:
+        server.stop()
