@@ -200,22 +200,16 @@ def test_the_job_runner_runs_at_a_lower_cpu_priority() -> None:
 
     server = start_server("--log-json", "--job-niceness", "7")
     try:
-        started = [json.loads(line) for line in server.lines if line.startswith("{")]
-        pids = {
-            e["role"]: int(e["pid"])
-            for e in started
-            if e.get("event") == "child started" and "role" in e
-        }
-        for _ in range(100):
-            if "jobs" in pids:
+        for _ in range(300):  # the job runner is started last
+            entries = [json.loads(line) for line in server.lines if line.startswith("{")]
+            if any(e.get("event") == "job worker started" for e in entries):
                 break
             time.sleep(0.1)
-            started = [json.loads(line) for line in server.lines if line.startswith("{")]
-            pids = {
-                e["role"]: int(e["pid"])
-                for e in started
-                if e.get("event") == "child started" and "role" in e
-            }
+        pids = {
+            e["role"]: int(e["pid"])
+            for e in entries
+            if e.get("event") == "child started" and "role" in e
+        }
 
         def niceness(pid: int) -> int:
             return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
