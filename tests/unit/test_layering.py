@@ -46,6 +46,7 @@ def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
         "twolane.services.gateway",
         "twolane.services.cli",
         "twolane.scheduler.client",
+        "twolane.scheduler.prefix_hash",
     ],
 )
 def test_processes_around_the_engine_core_do_not_load_torch(module: str) -> None:
