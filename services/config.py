@@ -55,7 +55,9 @@ class JobsConfig:
     """
 
     nats_url: str = option(
-        "", "NATS server URL; unset, `twolane serve` starts an embedded nats-server"
+        "",
+        "NATS server URL (of a cluster: several, comma separated); unset, `twolane serve` "
+        "starts an embedded nats-server",
     )
     nats_creds: str = option(
         "",

@@ -102,7 +102,8 @@ async def connect(
 
     The first connection gets `timeout_s`: a NATS that cannot be reached is a one-line
     error naming it, not a process that hangs (nats-py alone would retry forever).
-    `creds` names a file with the user and password to connect as.
+    `creds` names a file with the user and password to connect as. `url` may list
+    several servers of one cluster, comma separated (the rest are discovered).
 
     Raises:
         OSError: NATS did not answer in time, or refused the credentials.
@@ -127,7 +128,7 @@ async def connect(
     try:
         nc = await asyncio.wait_for(
             nats.connect(
-                url,
+                [server.strip() for server in url.split(",") if server.strip()],
                 name=name,
                 user=user,
                 password=password,

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import nats
@@ -45,6 +46,7 @@ ENV = {
 BLOCK_SIZE = 16
 WAIT_S = 60.0
 SUCCEEDED = {jobs_pb2.JOB_STATE_SUCCEEDED}
+FLEET_DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "twolane-fleet.json"
 
 
 @dataclass
@@ -202,6 +204,16 @@ async def test_token_ids_go_to_the_worker_holding_their_prefix(fleet: Fleet) -> 
     for i in range(4):
         reply = await generate(fleet.gateway.address, token_ids=[*prefix, i, i + 1])
         assert reply.usage.cached_tokens == 10 * BLOCK_SIZE
+
+
+async def test_every_metric_the_fleet_dashboard_queries_is_in_a_gateway_scrape(
+    fleet: Fleet,
+) -> None:
+    await generate(fleet.gateway.address, "for the dashboard")
+    queried = set(re.findall(r"twolane_[a-z0-9_]+", FLEET_DASHBOARD.read_text()))
+    exported = set(re.findall(r"^(twolane_[a-z0-9_]+)", fleet.metrics(), re.MULTILINE))
+    assert len(queried) >= 7
+    assert queried <= exported, sorted(queried - exported)
 
 
 async def test_jobs_spread_over_both_workers_and_complete_once(
