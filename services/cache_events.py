@@ -129,7 +129,7 @@ class CacheRelay:
             # A new engine core: its cache starts empty.
             self._mirror.clear()
             self._instance_id = events.instance_id
-        elif events.seq != self._seq + 1:
+        elif events.seq > self._seq + 1:
             log.warning("cache events lost", missed=events.seq - self._seq - 1)
         self._seq = events.seq
         self._block_size = events.block_size
@@ -158,7 +158,8 @@ class _WorkerCache:
     index: PrefixIndex
     seq: int = -1
     recent: deque[CacheEvents] = field(default_factory=lambda: deque(maxlen=REPLAY_DEPTH))
-    resyncing: bool = False
+    resyncing: bool = False  # a snapshot request is on its way
+    resync_again: bool = False  # and another one is due after it
 
 
 class CacheIndex:
@@ -223,7 +224,7 @@ class CacheIndex:
             self._restart(key, cache, events.instance_id)
         if events.seq <= cache.seq:
             return
-        if events.seq != cache.seq + 1 and not cache.resyncing:
+        if events.seq != cache.seq + 1:
             self._resync(key)
         self._apply(cache, events)
 
@@ -236,7 +237,10 @@ class CacheIndex:
 
     def _resync(self, key: str) -> None:
         cache = self._workers.get(key)
-        if cache is None or cache.resyncing:
+        if cache is None:
+            return
+        if cache.resyncing:
+            cache.resync_again = True
             return
         cache.resyncing = True
         task = asyncio.ensure_future(self._fetch_snapshot(key, cache))
@@ -246,14 +250,22 @@ class CacheIndex:
     async def _fetch_snapshot(self, key: str, cache: _WorkerCache) -> None:
         try:
             reply = await self._nc.request(snapshot_subject(key), b"", timeout=SNAPSHOT_TIMEOUT_S)
-            snapshot = _snapshot_decoder.decode(reply.data)
+            snapshot: CacheSnapshot | None = _snapshot_decoder.decode(reply.data)
         except Exception as exc:  # the events alone still fill the index
             log.debug("no cache snapshot", worker=key, error=repr(exc))
-            return
+            snapshot = None
         finally:
             cache.resyncing = False
-        if self._workers.get(key) is not cache or snapshot.instance_id != cache.instance_id:
-            return
+        current = self._workers.get(key) is cache
+        if current and snapshot is not None and snapshot.instance_id == cache.instance_id:
+            self._apply_snapshot(cache, snapshot)
+        if current and cache.resync_again:
+            cache.resync_again = False
+            self._resync(key)
+
+    @staticmethod
+    def _apply_snapshot(cache: _WorkerCache, snapshot: CacheSnapshot) -> None:
+        """The snapshot, then the events that came after it."""
         cache.index.replace(snapshot.hashes)
         cache.seq = snapshot.seq
         for events in list(cache.recent):

@@ -238,7 +238,9 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise UnavailableError("no worker is serving; try again shortly")
         by_key = {w.key: w for w in workers}
         index = self._index
-        candidates = [w.candidate(index.index(w.key) if index else None) for w in workers]
+        candidates = [
+            w.candidate(index.index(w.key) if index is not None else None) for w in workers
+        ]
         tokenizers = self._tokenizers
         prompt = (
             (lambda digest: tokenizers.prompt_token_ids(request, digest))

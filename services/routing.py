@@ -124,19 +124,7 @@ class Router:
         turn = {c.key: (i - start) % num for i, c in enumerate(candidates)}
         if self.config.policy == "round-robin" or prompt is None:
             return Route(sorted(candidates, key=lambda c: turn[c.key]))
-        # Per worker: (prompt tokens, of which cached), with its tokenizer and block size.
-        tokens_of: dict[str, tuple[int, int]] = {}
-        chains: dict[tuple[str, int], list[int]] = {}
-        for c in candidates:
-            tokens = prompt(c.tokenizer) if c.index is not None and c.block_size else None
-            if tokens is None or c.index is None:
-                tokens_of[c.key] = (0, 0)
-                continue
-            chain = chains.get((c.tokenizer, c.block_size))
-            if chain is None:
-                chain = prompt_block_hashes(tokens, c.block_size)
-                chains[(c.tokenizer, c.block_size)] = chain
-            tokens_of[c.key] = (len(tokens), c.index.num_leading_blocks(chain) * c.block_size)
+        tokens_of = _prompt_and_cached_tokens(candidates, prompt)
 
         def rank(c: Candidate) -> tuple[float, int]:
             num_prompt, num_cached = tokens_of[c.key]
@@ -150,3 +138,29 @@ class Router:
             return Route(order)
         num_prompt, num_cached = tokens_of[order[0].key]
         return Route(order, num_prompt, num_cached)
+
+
+def _prompt_and_cached_tokens(
+    candidates: Sequence[Candidate], prompt: PromptTokens
+) -> dict[str, tuple[int, int]]:
+    """Per worker: (prompt tokens, how many of them its cache holds), each worker with its
+    own tokenizer and block size; (0, 0) where nothing is known. Each tokenizer runs
+    once, each chain of hashes is computed once."""
+    found: dict[str, tuple[int, int]] = {}
+    tokens_by_tokenizer: dict[str, list[int] | None] = {}
+    chains: dict[tuple[str, int], list[int]] = {}
+    for c in candidates:
+        if c.index is None or not c.block_size:
+            found[c.key] = (0, 0)
+            continue
+        if c.tokenizer not in tokens_by_tokenizer:
+            tokens_by_tokenizer[c.tokenizer] = prompt(c.tokenizer)
+        tokens = tokens_by_tokenizer[c.tokenizer]
+        if tokens is None:
+            found[c.key] = (0, 0)
+            continue
+        chain = chains.get((c.tokenizer, c.block_size))
+        if chain is None:
+            chain = chains[(c.tokenizer, c.block_size)] = prompt_block_hashes(tokens, c.block_size)
+        found[c.key] = (len(tokens), c.index.num_leading_blocks(chain) * c.block_size)
+    return found
