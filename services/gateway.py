@@ -126,7 +126,9 @@ async def run_gateway(config: GatewayConfig) -> None:
         pool = WorkerPool.static(config.workers)
         stack.push_async_callback(pool.close)
         if config.discovers_workers:
-            index, tokenizers = await _follow_workers(stack, nc, nats_availability, pool)
+            index, tokenizers = await _follow_workers(
+                stack, nc, nats_availability, pool, config.jobs.nats_replicas
+            )
             servicer = GatewayServicer(
                 pool, store, Router(config.routing), index, tokenizers, discovered=True
             )
@@ -156,7 +158,11 @@ async def run_gateway(config: GatewayConfig) -> None:
 
 
 async def _follow_workers(
-    stack: contextlib.AsyncExitStack, nc: NATS, availability: Availability, pool: WorkerPool
+    stack: contextlib.AsyncExitStack,
+    nc: NATS,
+    availability: Availability,
+    pool: WorkerPool,
+    num_replicas: int,
 ) -> tuple[CacheIndex, GatewayTokenizers]:
     """Keep `pool` to the announced workers, with their caches and tokenizers."""
     index = CacheIndex(nc)
@@ -179,7 +185,7 @@ async def _follow_workers(
             gateway_metrics.count_cached_blocks(known.address, None)
         gateway_metrics.count_workers([w.record for w in pool.all()])
 
-    membership = Membership(nc, availability, on_change)
+    membership = Membership(nc, availability, on_change, num_replicas)
     await membership.start()
     stack.push_async_callback(membership.close)
     return index, tokenizers

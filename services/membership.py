@@ -151,9 +151,11 @@ async def announce_worker(
     address: str,
     ipc_dir: Path,
     serving: Callable[[], bool],
+    num_replicas: int = 1,
 ) -> WorkerAnnouncer:
     """Announce the worker whose engine core is at `ipc_dir`, and relay its cache events;
-    both stop when `stack` closes (the record is deleted then)."""
+    both stop when `stack` closes (the record is deleted then). `num_replicas`: of the
+    bucket and the tokenizer store (`--nats-replicas`)."""
     engine_address = EngineAddress(ipc_dir)
     engine = EngineClient(engine_address, name="announcer")
     await engine.start()
@@ -161,7 +163,7 @@ async def announce_worker(
     relay = CacheRelay(nc, worker_key(address), engine_address)
     await relay.start()
     stack.push_async_callback(relay.close)
-    announcer = WorkerAnnouncer(nc, cluster, address, engine, serving)
+    announcer = WorkerAnnouncer(nc, cluster, address, engine, serving, num_replicas)
     await announcer.start()
     stack.push_async_callback(announcer.close)
     return announcer
@@ -174,6 +176,7 @@ class WorkerAnnouncer:
         nc: the supervisor's NATS connection.
         engine: a ready-or-not client of the worker's engine core (for its info and load).
         serving: whether the worker's frontends are up (the supervisor knows).
+        num_replicas: of the bucket and the tokenizer store, where this worker makes them.
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class WorkerAnnouncer:
         address: str,
         engine: EngineClient,
         serving: Callable[[], bool],
+        num_replicas: int = 1,
     ) -> None:
         self.address = address
         self.key = worker_key(address)
@@ -191,6 +195,7 @@ class WorkerAnnouncer:
         self._cluster = cluster
         self._engine = engine
         self._serving = serving
+        self._num_replicas = num_replicas
         self._kv: KeyValue | None = None
         self._draining = False
         self._wake = asyncio.Event()
@@ -201,7 +206,9 @@ class WorkerAnnouncer:
 
     async def start(self) -> None:
         js = self._nc.jetstream()
-        self._kv = await workers_bucket(js, self._cluster.worker_ttl_s, update=True)
+        self._kv = await workers_bucket(
+            js, self._cluster.worker_ttl_s, update=True, num_replicas=self._num_replicas
+        )
         self._engine.add_ready_listener(lambda _: self.wake())
         self._task = asyncio.create_task(self._run(), name="twolane-announce")
         log.info("announcing worker", address=self.address, key=self.key)
@@ -249,7 +256,9 @@ class WorkerAnnouncer:
         if info is None or info.model_dir == self._tokenizer_dir:
             return
         try:
-            self._tokenizer = await publish_tokenizer(self._nc.jetstream(), Path(info.model_dir))
+            self._tokenizer = await publish_tokenizer(
+                self._nc.jetstream(), Path(info.model_dir), self._num_replicas
+            )
             self._tokenizer_dir = info.model_dir
         except Exception as exc:  # retried at the next heartbeat; routing works without
             log.warning("cannot publish the tokenizer", error=repr(exc))
@@ -321,10 +330,17 @@ class Membership:
     UNAVAILABLE, which the gateway skips anyway.
     """
 
-    def __init__(self, nc: NATS, availability: Availability, listener: Listener) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        availability: Availability,
+        listener: Listener,
+        num_replicas: int = 1,
+    ) -> None:
         self._nc = nc
         self._availability = availability
         self._listener = listener
+        self._num_replicas = num_replicas  # of the bucket, if this process makes it
         self.workers: dict[str, _Seen] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -355,7 +371,12 @@ class Membership:
     async def _watch(self) -> None:
         while True:
             try:
-                kv = await workers_bucket(self._nc.jetstream(), _DEFAULT_TTL_S, update=False)
+                kv = await workers_bucket(
+                    self._nc.jetstream(),
+                    _DEFAULT_TTL_S,
+                    update=False,
+                    num_replicas=self._num_replicas,
+                )
                 watcher = await kv.watchall()
                 initial = True
                 async for entry in watcher:

@@ -418,7 +418,13 @@ async def serve(config: ServeConfig) -> None:
         if isinstance(config, WorkerConfig):
             address = advertised_address(config.cluster, config.listen.host, port)
             announcer = await announce_worker(
-                stack, nc, config.cluster, address, ipc_dir, supervisor.is_serving
+                stack,
+                nc,
+                config.cluster,
+                address,
+                ipc_dir,
+                supervisor.is_serving,
+                num_replicas=config.jobs.nats_replicas,
             )
         stack.push_async_callback(supervisor.stop_all)
         if announcer is not None:

@@ -1,5 +1,6 @@
 """The 3-node NATS cluster of deploy/cluster forms, keeps an R3 stream through the loss
-of a node, and a gateway reaches it through a list of its servers."""
+of a node, and a gateway and a worker started with the Procfile's flags (a list of its
+servers, `--nats-replicas 3`) serve on it with every stream and bucket on three nodes."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from twolane.services.nats_embedded import nats_server_binary
-from twolane.v1 import inference_pb2_grpc, jobs_pb2
+from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
 
 from .nats_fixtures import free_port, job_request, start_process, wait_for_states
 
@@ -133,11 +134,14 @@ async def test_an_r3_stream_keeps_serving_when_a_node_stops(cluster: Cluster, cl
 
 
 @pytest.mark.slow
-async def test_a_gateway_connects_through_the_list_of_servers(cluster: Cluster) -> None:
-    await (await connect_when_formed(cluster.urls[1])).close()
+async def test_a_fleet_on_the_cluster_keeps_every_stream_and_bucket_on_three_nodes(
+    cluster: Cluster, client: NATS
+) -> None:
+    """The Procfile's flags: the list of servers (the first one down) and three replicas."""
     dead = f"nats://127.0.0.1:{free_port()}"
     urls = ",".join([dead, *cluster.urls])
-    gateway = start_process("gateway", "--port", "0", "--nats-url", urls)
+    gateway = start_process("gateway", "--port", "0", "--nats-url", urls, "--nats-replicas", "3")
+    worker = None
     try:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -145,5 +149,35 @@ async def test_a_gateway_connects_through_the_list_of_servers(cluster: Cluster) 
             queued = frozenset({jobs_pb2.JOB_STATE_QUEUED})
             states = await wait_for_states(stub, [job_id], queued, timeout_s=10)
             assert states[job_id].state == jobs_pb2.JOB_STATE_QUEUED
+
+            worker = start_process(
+                "worker", "--port", "0", "--nats-url", urls, "--nats-replicas", "3"
+            )
+            states = await wait_for_states(stub, [job_id], timeout_s=60)
+            assert states[job_id].state == jobs_pb2.JOB_STATE_SUCCEEDED
+            # Served through the gateway once it has found the worker in the bucket.
+            request = generate_pb2.GenerateRequest(
+                prompt="hello", params=generate_pb2.SamplingParams(max_tokens=2)
+            )
+            await retry("the gateway never found the worker", lambda: stub.Generate(request))
+        expected = {
+            "TWOLANE_JOBS",
+            "TWOLANE_RESULTS",
+            "TWOLANE_DLQ",
+            "KV_twolane_jobs",
+            "KV_twolane_results",
+            "KV_twolane_idempotency",
+            "KV_twolane_workers",
+            "OBJ_twolane_models",  # the worker's tokenizer
+        }
+
+        async def all_on_three_nodes() -> None:
+            infos = await client.jetstream().streams_info()
+            replicas = {i.config.name: i.config.num_replicas for i in infos}
+            assert {name: replicas.get(name) for name in expected} == dict.fromkeys(expected, 3)
+
+        await retry("a stream or bucket is not R3", all_on_three_nodes)
     finally:
+        if worker is not None:
+            worker.stop()
         gateway.stop()

@@ -1,4 +1,4 @@
-"""Worker options: the address gateways reach a worker at, heartbeat and TTL."""
+"""Worker options: the address gateways reach a worker at, heartbeat and TTL, replicas."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ import socket
 import msgspec
 import pytest
 
+from twolane.services import jetstream
 from twolane.services.config import ClusterConfig, JobsConfig, WorkerConfig, split_host_port
-from twolane.services.membership import WorkerRecord, advertised_address, decode_record, worker_key
+from twolane.services.membership import (
+    WorkerRecord,
+    advertised_address,
+    bucket_config,
+    decode_record,
+    worker_key,
+)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +69,20 @@ def test_worker_keys_are_valid_kv_keys_and_records_round_trip() -> None:
     assert worker_key("10.0.0.7:50051") == "10.0.0.7_50051"
     record = WorkerRecord(address="10.0.0.7:50051", worker_id="w", state="serving", block_size=16)
     assert decode_record(msgspec.json.encode(record)) == record
+
+
+def test_nats_replicas_reach_every_stream_and_bucket() -> None:
+    config = JobsConfig(nats_replicas=3)
+    layout = [
+        *jetstream.streams(config),
+        jetstream.bucket("twolane_jobs", 60.0, "jobs", config.nats_replicas),
+        bucket_config(5.0, config.nats_replicas),
+    ]
+    assert [s.num_replicas for s in layout] == [3] * len(layout)
+    assert [s.num_replicas for s in jetstream.streams(JobsConfig())] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("num_replicas", [0, 6])
+def test_nats_replicas_out_of_range_are_refused(num_replicas: int) -> None:
+    with pytest.raises(ValueError, match="nats_replicas"):
+        JobsConfig(nats_replicas=num_replicas)

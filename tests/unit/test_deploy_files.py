@@ -48,3 +48,4 @@ def test_every_twolane_command_of_the_procfile_parses() -> None:
             args = parser.parse_args(argv[1:])
             assert args.command in ("worker", "gateway"), name
             assert "," in args.nats_url  # every server of the cluster, not one
+            assert args.nats_replicas == 3, name  # streams and buckets on every node
