@@ -48,6 +48,9 @@ from twolane.v1 import generate_pb2, inference_pb2_grpc
 RESULTS_DIR = Path(__file__).parent / "results"
 TOKEN_ID_RANGE = 256  # ids every built-in and bench checkpoint accepts
 WORKER_WAIT_S = 120.0
+# Cache-aware routing on two workers should keep this share of one worker's hit rate.
+HIT_RATE_TARGET = 0.9
+ADDED_P50_TARGET_MS = 1.0  # what a gateway may add to a unary Generate
 _REQUESTS_LINE = re.compile(r'^twolane_gateway_requests_total\{worker="([^"]+)"\} ([0-9.e+]+)$')
 _SERVING_LINE = re.compile(r'^twolane_gateway_workers\{state="serving"\} ([0-9.e+]+)$')
 
@@ -348,6 +351,9 @@ def print_report(report: dict[str, object]) -> None:
     print()
     for name, ratio in ratios.items():  # type: ignore[attr-defined]
         print(f"hit rate of {name} / one worker's: {ratio:.1%}")
+    cache_aware = ratios.get("2 workers, cache-aware", 0.0)  # type: ignore[attr-defined]
+    verdict = "met" if cache_aware >= HIT_RATE_TARGET else "NOT met"
+    print(f"target: cache-aware >= {HIT_RATE_TARGET:.0%} of one worker's hit rate: {verdict}")
     overhead = report["gateway_overhead"]
     if overhead:
         print(
@@ -355,6 +361,9 @@ def print_report(report: dict[str, object]) -> None:
             "{gateway_p50_ms:.2f} ms: the gateway adds {added_p50_ms:.2f} ms "
             "({num_calls} calls each)".format(**overhead)  # type: ignore[arg-type]
         )
+        added_ms = float(overhead["added_p50_ms"])  # type: ignore[index]
+        verdict = "met" if added_ms <= ADDED_P50_TARGET_MS else "NOT met"
+        print(f"target: the gateway adds <= {ADDED_P50_TARGET_MS:g} ms p50: {verdict}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

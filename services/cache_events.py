@@ -172,8 +172,9 @@ class CacheIndex:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        # `>`, not `*`: a worker's key is its address, whose dots make several tokens.
         self._subscription = await self._nc.subscribe(
-            f"{EVENTS_SUBJECT_PREFIX}.*", cb=self._on_events
+            f"{EVENTS_SUBJECT_PREFIX}.>", cb=self._on_events
         )
 
     async def close(self) -> None:

@@ -25,16 +25,19 @@ from twolane.services.cache_events import (
     events_subject,
     snapshot_subject,
 )
-from twolane.services.membership import WorkerRecord
+from twolane.services.membership import WorkerRecord, worker_key
 
 from .nats_fixtures import NatsServer
 
 encode = msgspec.msgpack.encode
+# A worker's key is its address made a KV key: dots and all, several subject tokens.
+ADDRESS = "127.0.0.1:1"
+KEY = worker_key(ADDRESS)
 
 
 def record(instance_id: str = "core-1") -> WorkerRecord:
     return WorkerRecord(
-        address="127.0.0.1:1",
+        address=ADDRESS,
         worker_id="w",
         state="serving",
         engine_instance_id=instance_id,
@@ -72,19 +75,19 @@ class Snapshots:
 
 async def test_the_index_takes_a_snapshot_on_join_then_follows_the_events(nc: NATS) -> None:
     snapshots = Snapshots(CacheSnapshot("core-1", 4, 16, [1, 2, 3]))
-    await nc.subscribe(snapshot_subject("w"), cb=snapshots.respond)
+    await nc.subscribe(snapshot_subject(KEY), cb=snapshots.respond)
     index = CacheIndex(nc)
     await index.start()
     try:
-        index.track("w", record())
-        held = index.index("w")
+        index.track(KEY, record())
+        held = index.index(KEY)
         assert held is not None
         await eventually(lambda: len(held) == 3, "the snapshot is applied")
-        await nc.publish(events_subject("w"), encode(CacheEvents("core-1", 5, 16, [4], [1])))
+        await nc.publish(events_subject(KEY), encode(CacheEvents("core-1", 5, 16, [4], [1])))
         await eventually(lambda: 4 in held, "the events are applied")
         assert 1 not in held and snapshots.num_requests == 1
         # An old message changes nothing.
-        await nc.publish(events_subject("w"), encode(CacheEvents("core-1", 3, 16, [99], [])))
+        await nc.publish(events_subject(KEY), encode(CacheEvents("core-1", 3, 16, [99], [])))
         await nc.flush()
         await asyncio.sleep(0.1)
         assert 99 not in held
@@ -96,18 +99,18 @@ async def test_a_missed_message_brings_a_snapshot_and_later_events_are_replayed(
     nc: NATS,
 ) -> None:
     snapshots = Snapshots(CacheSnapshot("core-1", -1, 16, []))
-    await nc.subscribe(snapshot_subject("w"), cb=snapshots.respond)
+    await nc.subscribe(snapshot_subject(KEY), cb=snapshots.respond)
     index = CacheIndex(nc)
     await index.start()
     try:
-        index.track("w", record())
+        index.track(KEY, record())
         await eventually(lambda: snapshots.num_requests == 1, "the join's snapshot")
         await asyncio.sleep(0.1)
-        held = index.index("w")
+        held = index.index(KEY)
         assert held is not None
         # seq 0 and 1 are lost; the worker's mirror as of seq 1 holds 10 and 11.
         snapshots.current = CacheSnapshot("core-1", 1, 16, [10, 11])
-        await nc.publish(events_subject("w"), encode(CacheEvents("core-1", 2, 16, [12], [])))
+        await nc.publish(events_subject(KEY), encode(CacheEvents("core-1", 2, 16, [12], [])))
         await eventually(lambda: snapshots.num_requests == 2, "a snapshot after the gap")
         await eventually(lambda: all(h in held for h in (10, 11, 12)), "the resync")
         assert len(held) == 3
@@ -117,19 +120,19 @@ async def test_a_missed_message_brings_a_snapshot_and_later_events_are_replayed(
 
 async def test_a_new_engine_instance_empties_the_index(nc: NATS) -> None:
     snapshots = Snapshots(CacheSnapshot("core-1", 0, 16, [1, 2]))
-    await nc.subscribe(snapshot_subject("w"), cb=snapshots.respond)
+    await nc.subscribe(snapshot_subject(KEY), cb=snapshots.respond)
     index = CacheIndex(nc)
     await index.start()
     try:
-        index.track("w", record())
-        held = index.index("w")
+        index.track(KEY, record())
+        held = index.index(KEY)
         assert held is not None
         await eventually(lambda: len(held) == 2, "the first engine's blocks")
         snapshots.current = CacheSnapshot("core-2", 0, 16, [7])
-        await nc.publish(events_subject("w"), encode(CacheEvents("core-2", 0, 16, [7], [])))
+        await nc.publish(events_subject(KEY), encode(CacheEvents("core-2", 0, 16, [7], [])))
         await eventually(lambda: 7 in held and 1 not in held, "the restarted engine's blocks")
-        index.track("w", None)
-        assert index.index("w") is None
+        index.track(KEY, None)
+        assert index.index(KEY) is None
     finally:
         await index.close()
 
@@ -141,13 +144,13 @@ async def test_the_relay_forwards_the_engine_events_and_serves_its_mirror(
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.bind(address.cache_events)
-    relay = CacheRelay(nc, "w", address)
+    relay = CacheRelay(nc, KEY, address)
     received: list[CacheEvents] = []
 
     async def collect(msg: Msg) -> None:
         received.append(msgspec.msgpack.decode(msg.data, type=CacheEvents))
 
-    await nc.subscribe(events_subject("w"), cb=collect)
+    await nc.subscribe(events_subject(KEY), cb=collect)
     await relay.start()
     try:
         sent = [
@@ -162,7 +165,7 @@ async def test_the_relay_forwards_the_engine_events_and_serves_its_mirror(
             assert time.monotonic() < give_up_s, "the relay never forwarded anything"
         pub.send(encode(sent[1]))
         await eventually(lambda: received[-1] == sent[1], "the second message")
-        reply = await nc.request(snapshot_subject("w"), b"", timeout=2)
+        reply = await nc.request(snapshot_subject(KEY), b"", timeout=2)
         snapshot = msgspec.msgpack.decode(reply.data, type=CacheSnapshot)
         assert (snapshot.instance_id, snapshot.seq, snapshot.block_size) == ("core-1", 1, 16)
         assert snapshot.hashes == [1, 3, 4]

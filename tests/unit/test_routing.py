@@ -116,6 +116,29 @@ def test_each_worker_is_hashed_with_its_own_block_size() -> None:
     assert route.num_predicted_cached_tokens == 4 * 32
 
 
+def test_each_worker_is_tokenized_with_its_own_tokenizer_once() -> None:
+    """Two models side by side: the same text is other token ids under each tokenizer,
+    and a worker is judged by its own (an empty index still counts as known)."""
+    other = [t + 1000 for t in PROMPT]
+    index = PrefixIndex(100)
+    index.store(prompt_block_hashes(other, BLOCK)[:5])
+    asked: list[str] = []
+
+    def prompt(digest: str) -> list[int]:
+        asked.append(digest)
+        return other if digest == "other" else PROMPT
+
+    workers = [
+        candidate("a", holding(2)),
+        candidate("a2", PrefixIndex(100)),
+        Candidate("b", 0, 64, BLOCK, "other", index),
+    ]
+    route = Router(RoutingConfig()).route(workers, prompt)
+    assert route.order[0].key == "b"
+    assert route.num_predicted_cached_tokens == 5 * BLOCK
+    assert sorted(asked) == ["other", "tok"]
+
+
 def test_routing_config_refuses_unknown_policies_and_negative_weights() -> None:
     with pytest.raises(ValueError, match="policy"):
         RoutingConfig(policy="random")
