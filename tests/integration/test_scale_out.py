@@ -92,6 +92,9 @@ def start_workers(nats_url: str, count: int, *args: str) -> list[ServerProcess]:
     ]
     for worker in workers:
         worker.wait_listening()
+        # Listening is the frontend's line; the job runner comes up after it, and a burst
+        # of jobs would all go to the worker whose runner is up first.
+        worker.wait_for_line("job worker started")
     return workers
 
 
@@ -221,8 +224,10 @@ async def test_jobs_spread_over_both_workers_and_complete_once(
     gateway_stub: inference_pb2_grpc.InferenceServiceStub,
     events: EventRecorder,
 ) -> None:
+    # Long enough that one worker cannot drain the queue before the other's runner pulls
+    # (on a busy machine the niced job runners get the CPU late).
     job_ids = [
-        (await gateway_stub.SubmitJob(job_request(f"spread {i}", max_tokens=96))).job_id
+        (await gateway_stub.SubmitJob(job_request(f"spread {i}", max_tokens=320))).job_id
         for i in range(16)
     ]
     results = await wait_for_states(gateway_stub, job_ids)
