@@ -6,7 +6,8 @@
 |---|---|---|
 | `TWOLANE_TARGET` | `targets` (comma-separated HOST:PORT) | `127.0.0.1:50051` |
 | `TWOLANE_API_KEY` | `api_key` | none |
-| `TWOLANE_TLS_CA`, `TWOLANE_TLS_CERT`, `TWOLANE_TLS_KEY` | `tls_ca`, `tls_cert`, `tls_key` (PEM files) | plaintext |
+| `TWOLANE_TLS_CA` | `tls_ca` (PEM CA to trust) | plaintext |
+| `TWOLANE_TLS_CERT`, `TWOLANE_TLS_KEY` | `tls_cert`, `tls_key` (PEM client certificate) | none |
 | `TWOLANE_DEADLINE_S` | `deadline_s` | 60 |
 | `TWOLANE_NATS_URL` | `nats_url` | the URL `twolane serve` wrote to the data dir |
 | `TWOLANE_NATS_CREDS` | `nats_creds` (user and password, one per line) | none |

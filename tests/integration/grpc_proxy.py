@@ -75,9 +75,7 @@ class GrpcProxy:
 
     def _record(self, method: str, context: grpc.ServicerContext, request: bytes) -> Seen:
         metadata = {
-            key: value
-            for key, value in context.invocation_metadata()
-            if isinstance(value, str)
+            key: value for key, value in context.invocation_metadata() if isinstance(value, str)
         }
         seen = Seen(method.rsplit("/", 1)[-1], metadata, request)
         with self._lock:

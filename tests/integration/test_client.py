@@ -257,7 +257,9 @@ async def test_fifty_clients_against_a_stopping_server_stay_within_their_retry_b
     num_calls = 10
     clients = [
         AsyncClient(
-            ClientConfig(targets=(stopping.address,), retry=policy, metadata=(("x-client", f"{i}"),))
+            ClientConfig(
+                targets=(stopping.address,), retry=policy, metadata=(("x-client", f"{i}"),)
+            )
         )
         for i in range(50)
     ]

@@ -76,9 +76,10 @@ def chat_model(folder: Path) -> Path:
 def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
     folder = tmp_path_factory.mktemp("client-keys")
     keys_file = folder / "keys.json"
+    slow = Limits(requests_per_minute=REQUESTS_PER_MINUTE)
     keys = {
         "alpha": KeysFile(keys_file).create("alpha", Limits())[0],
-        "slow": KeysFile(keys_file).create("slow", Limits(requests_per_minute=REQUESTS_PER_MINUTE))[0],
+        "slow": KeysFile(keys_file).create("slow", slow)[0],
     }
     server = start_server(
         "--model",
@@ -160,9 +161,7 @@ async def test_the_asyncio_client_chats_and_queues_a_chat(tenants: Tenants) -> N
         assert list(job.result.token_ids) == list(reply.token_ids)
 
 
-def test_wait_returns_on_the_tenants_completion_event(
-    tenants: Tenants, proxy: GrpcProxy
-) -> None:
+def test_wait_returns_on_the_tenants_completion_event(tenants: Tenants, proxy: GrpcProxy) -> None:
     # The tenant comes from the NATS user; no GetResult runs while listening.
     config = tenants.config(targets=(proxy.address,), event_recheck_s=600.0)
     assert config.resolved_tenant() == "alpha"
@@ -218,9 +217,9 @@ def test_a_rate_limited_client_waits_for_the_retry_info_delay(tenants: Tenants) 
     assert [retry.attempt for retry in retries] == [1, 1]
     assert attempts == num_calls + 2
     # Without retries, the caller sees the quota's answer and when to come back.
-    with Client(tenants.config("slow", retry=RetryPolicy(max_attempts=1))) as client:
-        with pytest.raises(RateLimited) as limited:
-            client.generate("hi", max_tokens=1)
+    no_retries = tenants.config("slow", retry=RetryPolicy(max_attempts=1))
+    with Client(no_retries) as client, pytest.raises(RateLimited) as limited:
+        client.generate("hi", max_tokens=1)
     assert limited.value.retry_after_s is not None and limited.value.retry_after_s > 0
 
 

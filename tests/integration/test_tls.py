@@ -150,8 +150,8 @@ def test_the_python_client_speaks_mutual_tls(certs: Certificates) -> None:
     try:
         with Client(config) as client:
             assert len(client.generate("hi", max_tokens=2, ignore_eos=True).token_ids) == 2
-        with Client(config.replace(tls_cert="", tls_key="")) as anonymous:
-            with pytest.raises(Unavailable):
-                anonymous.generate("hi", max_tokens=2)
+        anonymous = config.replace(tls_cert="", tls_key="")
+        with Client(anonymous) as client, pytest.raises(Unavailable):
+            client.generate("hi", max_tokens=2)
     finally:
         server.stop()

@@ -23,12 +23,12 @@ from twolane.client.config import TENANT_USER_PREFIX
 from twolane.client.errors import error_for
 from twolane.client.events import result_subject
 from twolane.client.requests import FINAL_STATES, TIERS
-from twolane.client.retry import RetryEvent, Retrier
+from twolane.client.retry import Retrier, RetryEvent
 from twolane.services import jetstream, job_store, nats_auth
 from twolane.services.config import DEFAULT_PORT
+from twolane.services.errors import FieldViolation, InvalidArgumentError, RateLimitedError
 from twolane.services.job_cli import TIERS as CLI_TIERS
 from twolane.services.status import to_status
-from twolane.services.errors import FieldViolation, InvalidArgumentError, RateLimitedError
 
 POLICY = RetryPolicy(max_attempts=5, initial_backoff_s=0.1, max_backoff_s=1.0)
 
@@ -107,9 +107,7 @@ def test_retry_info_and_field_violations_are_read_from_a_real_status() -> None:
     assert error.retry_after_s == pytest.approx(1.5)
     assert error.request_id == "rid-1"
 
-    invalid = to_status(
-        InvalidArgumentError([FieldViolation("params.top_p", "must be in (0, 1]")])
-    )
+    invalid = to_status(InvalidArgumentError([FieldViolation("params.top_p", "must be in (0, 1]")]))
     error = error_for(invalid.code, invalid.details, invalid.trailing_metadata)
     assert isinstance(error, InvalidArgument)
     assert [(v.field, v.description) for v in error.field_violations] == [
