@@ -49,6 +49,7 @@ class ClientConfig:
             drawn from [0, min(poll_max_s, poll_initial_s * 2**n)].
         event_recheck_s: while `wait()` listens for the completion event, it still asks
             GetResult this often, in case the event was missed (NATS reconnecting).
+        wait_on_events: False: `wait()` polls GetResult even where NATS could be reached.
     """
 
     targets: tuple[str, ...] = (DEFAULT_TARGET,)
@@ -68,6 +69,7 @@ class ClientConfig:
     poll_initial_s: float = 0.05
     poll_max_s: float = 2.0
     event_recheck_s: float = 10.0
+    wait_on_events: bool = True
 
     def __post_init__(self) -> None:
         if not self.targets or not all(self.targets):

@@ -40,7 +40,9 @@ class JobEvents:
 
     async def subscribe(self, job_id: str) -> EventSubscription | None:
         """A subscription to the job's completion subject, live at the server when this
-        returns; None when NATS cannot be reached."""
+        returns; None when NATS cannot be reached (or is not to be used)."""
+        if not self._config.wait_on_events:
+            return None
         nc = await self._connection()
         if nc is None:
             return None

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 T = TypeVar("T")
+# How long a cancelled call may take to unwind before the caller gets its exception.
+UNWIND_WAIT_S = 5.0
 
 
 class _Loop:
@@ -47,11 +49,24 @@ class _Loop:
         self._thread.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        started, unwound = threading.Event(), threading.Event()
+
+        async def running() -> T:
+            started.set()
+            try:
+                return await coroutine
+            finally:
+                unwound.set()
+
+        future = asyncio.run_coroutine_threadsafe(running(), self.loop)
         try:
             return future.result()
         except BaseException:
-            future.cancel()  # Ctrl-C, or the caller's thread being stopped: end the call
+            # Ctrl-C, or the caller's thread being stopped: end the call, and let it
+            # unwind on the loop (a stream's generator must have stopped before it can
+            # be closed). A call cancelled before it started has nothing to unwind.
+            if future.cancel() and started.is_set():
+                unwound.wait(UNWIND_WAIT_S)
             raise
 
     def stop(self) -> None:
