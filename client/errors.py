@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -173,9 +174,13 @@ def error_for(
 
 def from_rpc_error(err: grpc.RpcError, request_id: str = "") -> TwolaneError:
     """The typed error for a failed call (sync or asyncio)."""
-    code = err.code()  # type: ignore[attr-defined]
-    details = err.details() or ""  # type: ignore[attr-defined]
-    return error_for(code, details, err.trailing_metadata(), request_id)  # type: ignore[attr-defined]
+    metadata: Iterable[tuple[str, str | bytes]] | None
+    if isinstance(err, grpc.aio.AioRpcError):
+        metadata = err.trailing_metadata()
+    else:
+        # What a blocking call raises is also its grpc.Call, with (key, value) pairs.
+        metadata = cast(grpc.Call, err).trailing_metadata()
+    return error_for(err.code(), err.details() or "", metadata, request_id)
 
 
 def _details(status_bytes: bytes) -> tuple[float | None, list[FieldViolation]]:

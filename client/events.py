@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 
 import nats
@@ -51,7 +52,7 @@ class JobEvents:
             sub = await nc.subscribe(subject, max_msgs=1)
             # The server has the subscription once it answered a ping: an event from
             # now on reaches us.
-            await nc.flush(timeout=self._config.nats_connect_timeout_s)
+            await nc.flush(timeout=math.ceil(self._config.nats_connect_timeout_s))
         except (nats.errors.Error, OSError, asyncio.TimeoutError):
             return None
         return EventSubscription(sub)
