@@ -25,6 +25,7 @@ from twolane.client import (
     RetryPolicy,
     Unavailable,
 )
+from twolane.client.events import JobEvents
 from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
 
 from .grpc_proxy import GrpcProxy
@@ -128,6 +129,21 @@ async def test_the_asyncio_client_submits_waits_and_reads_jobs(server: ServerPro
         items = [item async for item in client.batch(prompts, concurrency=4, **SHORT)]
         assert sorted(item.index for item in items) == list(range(12))
         assert all(item.ok and item.input == prompts[item.index] for item in items)
+
+
+async def test_wait_on_events_false_polls_even_where_nats_is_reachable(
+    server: ServerProcess,
+) -> None:
+    listening = JobEvents(config_for(server))
+    polling = JobEvents(config_for(server, wait_on_events=False))
+    try:
+        subscription = await listening.subscribe("some-job")
+        assert subscription is not None
+        await subscription.close()
+        assert await polling.subscribe("some-job") is None
+    finally:
+        await listening.close()
+        await polling.close()
 
 
 # ---- errors ------------------------------------------------------------------------
