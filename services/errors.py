@@ -10,6 +10,17 @@ from dataclasses import dataclass
 
 import grpc
 
+# What an error message may quote of a client's input (an id, a value): enough to
+# recognise it, never enough to outgrow the client's metadata limit (8 KiB by default).
+MAX_QUOTED_CHARS = 64
+
+
+def quoted(value: str, max_chars: int = MAX_QUOTED_CHARS) -> str:
+    """`value` quoted for an error message; past `max_chars` cut, with its length noted."""
+    if len(value) <= max_chars:
+        return repr(value)
+    return f"{value[:max_chars]!r}... ({len(value)} characters)"
+
 
 class ServiceError(Exception):
     """Base class; `code` is the gRPC status the caller sees."""
@@ -57,7 +68,19 @@ class PermissionDeniedError(ServiceError):
 
 
 class ResourceExhaustedError(ServiceError):
+    """Out of room for now; the status carries `retry_after_s` as google.rpc.RetryInfo."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class MalformedRequestError(ServiceError):
+    """The request body is not a message of the method's type (truncated, not UTF-8)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class UnavailableError(ServiceError):

@@ -3,7 +3,12 @@
 Every servicer method is wrapped with `grpc_errors`. Bad input surfaces as
 INVALID_ARGUMENT with `google.rpc.BadRequest` details naming the fields; an
 unexpected exception is logged with its traceback here and reaches the client
-only as a terse INTERNAL status, never as a traceback.
+only as a terse INTERNAL status, never as a traceback. RESOURCE_EXHAUSTED carries
+`google.rpc.RetryInfo`: how long to wait before trying again.
+
+A status travels in trailing metadata (`grpc-message`, and `grpc-status-details-bin`
+repeating it), so what it says is bounded here, whatever raised it: a message that
+outgrew the client's metadata limit would reach the client as RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -15,14 +20,25 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from twolane.scheduler.errors import EngineStoppedError, InvalidRequestError, QueueFullError
-from twolane.services.errors import FieldViolation, InvalidArgumentError, ServiceError
+from twolane.services.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    ServiceError,
+)
 
 log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_CHARS = 1024
+MAX_VIOLATIONS = 16
+MAX_DESCRIPTION_CHARS = 256
+# A full interactive queue drains in steps of milliseconds: retry soon.
+QUEUE_FULL_RETRY_AFTER_S = 0.1
 
 _ENGINE_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,27 +66,51 @@ def to_status(exc: Exception) -> grpc.Status:
             message = str(exc)
     if not message:
         message = code.name.lower().replace("_", " ")
-    return _status(code, message, violations)
+    retry_after_s = None
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if isinstance(exc, ResourceExhaustedError):
+            retry_after_s = exc.retry_after_s
+        else:
+            retry_after_s = QUEUE_FULL_RETRY_AFTER_S
+    return _status(code, _bounded(message, MAX_MESSAGE_CHARS), violations, retry_after_s)
+
+
+def _bounded(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    return f"{text[:max_chars]}... ({len(text) - max_chars} more characters)"
 
 
 def _status(
-    code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...]
+    code: grpc.StatusCode,
+    message: str,
+    violations: tuple[FieldViolation, ...],
+    retry_after_s: float | None = None,
 ) -> grpc.Status:
     details = []
     if violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_bounded(v.field, MAX_DESCRIPTION_CHARS),
+                    description=_bounded(v.description, MAX_DESCRIPTION_CHARS),
                 )
-                for v in violations
+                for v in violations[:MAX_VIOLATIONS]
             ]
         )
-        packed = any_pb2.Any()
-        packed.Pack(bad_request)
-        details.append(packed)
+        details.append(_packed(bad_request))
+    if retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after_s * 1e9))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     rpc_code = code_pb2.Code.Value(code.name)
     return rpc_status.to_status(status_pb2.Status(code=rpc_code, message=message, details=details))
+
+
+def _packed(detail: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
