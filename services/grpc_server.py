@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from twolane.scheduler.client import EngineClient
+from twolane.services import handlers
 from twolane.services.config import ListenConfig
 from twolane.v1 import inference_pb2, inference_pb2_grpc
 
@@ -50,7 +51,9 @@ async def start_grpc_server(
         OSError: the address cannot be bound (in use, or not an address of this host).
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    # Not the generated add_InferenceServiceServicer_to_server: its decoding raises inside
+    # grpc on a malformed body, which the client then sees as UNKNOWN.
+    handlers.add_servicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
