@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -19,6 +17,7 @@ from twolane.services.job_store import JobStore, Validator
 from twolane.services.nats_embedded import EmbeddedNats
 from twolane.services.prompts import ShapeOnly
 from twolane.services.validation import ModelLimits, validate_generate
+from twolane.services.worker_slot import WorkerSlot
 from twolane.v1 import generate_pb2, jobs_pb2
 
 if TYPE_CHECKING:
@@ -138,10 +137,9 @@ async def start_job_worker(
 ) -> None:
     from twolane.services.job_worker import JobWorker
 
-    worker = JobWorker(nc, store, engine, prompts, config, worker_id=default_worker_id())
+    # The worker's identity outlives its process: see worker_slot.py.
+    slot = WorkerSlot.acquire(Path(config.data_dir))
+    stack.callback(slot.close)
+    worker = JobWorker(nc, store, engine, prompts, config, slot)
     await worker.start()
     stack.push_async_callback(worker.stop, grace_period_s)
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
