@@ -188,16 +188,41 @@ class EngineCore:
         """
         started_s = time.perf_counter()
         now = time.monotonic()
+        outputs = self._shed_stale(now)
         sched = self.scheduler.schedule(now)
         for seq in sched.expired:
             self.metrics.observe_finished(seq, now)
-        outputs = [self._final_output(self._requests.pop(s.request_id)) for s in sched.expired]
+        outputs += [self._final_output(self._requests.pop(s.request_id)) for s in sched.expired]
         self.metrics.observe_preempted(sched.preempted)
         self.metrics.step_phase_s.labels("schedule").observe(time.perf_counter() - started_s)
         if sched.scheduled:
             self._urgent_s = 0.0
             outputs.extend(self._execute(sched.scheduled, now, hook, regular=True))
         self.refresh_gauges()
+        return outputs
+
+    def _shed_stale(self, now: float) -> list[TokenOutput]:
+        """Refuse interactive requests that waited `max_queue_delay_s` without starting.
+
+        A saturated engine then sheds load (the frontend answers RESOURCE_EXHAUSTED with a
+        retry delay) instead of letting every request's time to first token grow with the
+        queue. Requests that have started (and were preempted since) are never shed.
+        """
+        limit_s = self.config.max_queue_delay_s
+        if limit_s <= 0:
+            return []
+        stale = []
+        for seq in self.scheduler.waiting:  # interactive first, oldest first
+            if seq.priority is not Priority.INTERACTIVE:
+                break
+            if seq.first_scheduled_time_s is None and now - seq.arrival_time_s > limit_s:
+                stale.append(seq)
+        outputs = []
+        for seq in stale:
+            out = self._finish(self._requests[seq.request_id], FinishReason.ERROR)
+            self.metrics.refused.labels(ErrorCode.QUEUE_FULL.value).inc()
+            error = f"no room to start within {limit_s:g} s; retry later"
+            outputs.append(_with_error(out, ErrorCode.QUEUE_FULL, error))
         return outputs
 
     def refresh_gauges(self) -> None:
