@@ -91,7 +91,9 @@ async def connect(stack: contextlib.AsyncExitStack, url: str, name: str) -> NATS
 
     try:
         nc = await nats.connect(
-            url,
+            # A cluster's URLs, comma separated; the client also learns the others from
+            # the server it reaches.
+            [part.strip() for part in url.split(",") if part.strip()],
             name=name,
             connect_timeout=NATS_CONNECT_TIMEOUT_S,
             allow_reconnect=True,
