@@ -68,19 +68,22 @@ class PermissionDeniedError(ServiceError):
 
 
 class ResourceExhaustedError(ServiceError):
-    """Out of room for now; the status carries `retry_after_s` as google.rpc.RetryInfo."""
-
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class MalformedRequestError(ServiceError):
     """The request body is not a message of the method's type (truncated, not UTF-8)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RateLimitedError(ResourceExhaustedError):
+    """Over a quota or a queue bound; `retry_after_s` says when trying again can work
+    (sent as google.rpc.RetryInfo)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UnavailableError(ServiceError):

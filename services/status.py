@@ -3,8 +3,7 @@
 Every servicer method is wrapped with `grpc_errors`. Bad input surfaces as
 INVALID_ARGUMENT with `google.rpc.BadRequest` details naming the fields; an
 unexpected exception is logged with its traceback here and reaches the client
-only as a terse INTERNAL status, never as a traceback. RESOURCE_EXHAUSTED carries
-`google.rpc.RetryInfo`: how long to wait before trying again.
+only as a terse INTERNAL status, never as a traceback.
 
 A status travels in trailing metadata (`grpc-message`, and `grpc-status-details-bin`
 repeating it), so what it says is bounded here, whatever raised it: a message that
@@ -13,6 +12,7 @@ outgrew the client's metadata limit would reach the client as RESOURCE_EXHAUSTED
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
@@ -20,15 +20,16 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from twolane.scheduler.errors import EngineStoppedError, InvalidRequestError, QueueFullError
+from twolane.services.call import REQUEST_ID_KEY, current_request_id, rpc_scope
 from twolane.services.errors import (
     FieldViolation,
     InvalidArgumentError,
-    ResourceExhaustedError,
+    RateLimitedError,
     ServiceError,
 )
 
@@ -37,8 +38,8 @@ log = structlog.get_logger(__name__)
 MAX_MESSAGE_CHARS = 1024
 MAX_VIOLATIONS = 16
 MAX_DESCRIPTION_CHARS = 256
-# A full interactive queue drains in steps of milliseconds: retry soon.
-QUEUE_FULL_RETRY_AFTER_S = 0.1
+# A full interactive queue drains within a few steps: try again soon.
+QUEUE_FULL_RETRY_S = 0.5
 
 _ENGINE_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -66,12 +67,9 @@ def to_status(exc: Exception) -> grpc.Status:
             message = str(exc)
     if not message:
         message = code.name.lower().replace("_", " ")
-    retry_after_s = None
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if isinstance(exc, ResourceExhaustedError):
-            retry_after_s = exc.retry_after_s
-        else:
-            retry_after_s = QUEUE_FULL_RETRY_AFTER_S
+    retry_after_s = exc.retry_after_s if isinstance(exc, RateLimitedError) else None
+    if isinstance(exc, QueueFullError):
+        retry_after_s = QUEUE_FULL_RETRY_S
     return _status(code, _bounded(message, MAX_MESSAGE_CHARS), violations, retry_after_s)
 
 
@@ -88,6 +86,12 @@ def _status(
     retry_after_s: float | None = None,
 ) -> grpc.Status:
     details = []
+    if retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(max(0.0, retry_after_s) * 1e9))
+        packed_retry = any_pb2.Any()
+        packed_retry.Pack(retry)
+        details.append(packed_retry)
     if violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
@@ -99,10 +103,6 @@ def _status(
             ]
         )
         details.append(_packed(bad_request))
-    if retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(retry_after_s * 1e9))
-        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     rpc_code = code_pb2.Code.Value(code.name)
     return rpc_status.to_status(status_pb2.Status(code=rpc_code, message=message, details=details))
 
@@ -111,6 +111,13 @@ def _packed(detail: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(detail)
     return packed
+
+
+class _Status(
+    collections.namedtuple("_Status", ("code", "details", "trailing_metadata")),
+    grpc.Status,  # type: ignore[misc]
+):
+    """A status with the trailing metadata we add (as grpc_status builds its own)."""
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -124,30 +131,38 @@ def grpc_errors(handler: Handler) -> Handler:
         async def stream_wrapper(
             self: Any, request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            try:
-                async for message in handler(self, request, context):
-                    yield message
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await _abort(context, handler.__name__, exc)
+            with rpc_scope(handler.__name__, context):
+                try:
+                    async for message in handler(self, request, context):
+                        yield message
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _abort(context, handler.__name__, exc)
 
         return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(handler)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, handler.__name__, exc)
+        with rpc_scope(handler.__name__, context):
+            try:
+                return await handler(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, handler.__name__, exc)
 
     return unary_wrapper  # type: ignore[return-value]
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     status = to_status(exc)
+    # The request id goes back on errors too (aborting replaces the trailing metadata).
+    status = _Status(
+        status.code,
+        status.details,
+        (*(status.trailing_metadata or ()), (REQUEST_ID_KEY, current_request_id())),
+    )
     if status.code is grpc.StatusCode.INTERNAL and not isinstance(exc, ServiceError):
         log.exception("unhandled error", method=method)
     else:

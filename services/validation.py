@@ -23,9 +23,11 @@ from twolane.services.errors import FieldViolation, InvalidArgumentError
 from twolane.services.prompts import ChatUnavailableError, PromptEncoder
 from twolane.v1 import generate_pb2
 
+# Bounds on what one request may carry; past them the answer names the field.
 MAX_STOP_STRINGS = 16
-# The engine looks every generated token up among them.
-MAX_STOP_TOKEN_IDS = 256
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 1024
 # No tokenizer packs more characters than this into one token on average, so a longer
 # prompt cannot fit the context, and is refused before it costs any tokenizing.
 MAX_CHARS_PER_TOKEN = 32
@@ -154,6 +156,9 @@ def _too_long_to_encode(request: GenerateMessage, limits: ModelLimits) -> str | 
 def _encode_chat(
     request: GenerateMessage, prompts: PromptEncoder, bad: Callable[[str, str], None]
 ) -> list[int] | None:
+    if len(request.messages) > MAX_MESSAGES:
+        bad("messages", f"at most {MAX_MESSAGES} messages, got {len(request.messages)}")
+        return None
     for index, message in enumerate(request.messages):
         if not message.role:
             bad(f"messages[{index}].role", "every message needs a role (system, user, ...)")
@@ -188,6 +193,8 @@ def _check_params(
         bad("params.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
     if any(not s for s in params.stop):
         bad("params.stop", "stop strings must be non-empty")
+    if any(len(s) > MAX_STOP_STRING_CHARS for s in params.stop):
+        bad("params.stop", f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters")
     if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         bad(
             "params.stop_token_ids",

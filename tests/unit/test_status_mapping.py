@@ -77,8 +77,8 @@ def test_any_message_and_violation_list_is_bounded() -> None:
 
 def test_resource_exhausted_carries_a_retry_delay() -> None:
     for exc, delay_s in [
-        (QueueFullError("busy"), 0.1),
-        (errors.ResourceExhaustedError("job queue full", retry_after_s=2.5), 2.5),
+        (QueueFullError("busy"), 0.5),
+        (errors.RateLimitedError("over the quota", retry_after_s=2.5), 2.5),
     ]:
         retry_info = error_details_pb2.RetryInfo()
         details = rich_status(to_status(exc)).details
