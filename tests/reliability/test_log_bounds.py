@@ -45,7 +45,8 @@ async def test_a_large_failing_request_logs_no_payload_and_stalls_no_stream(
         stream_done = asyncio.Event()
 
         async def read_stream() -> None:
-            async for message in stream:
+            # read(), as above: a call's iterator and read() may not be mixed.
+            while (message := await stream.read()) is not grpc.aio.EOF:
                 tokens.extend(message.token_ids)
                 events.append("token")
             stream_done.set()

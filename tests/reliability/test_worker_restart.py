@@ -83,10 +83,12 @@ async def test_a_restarted_job_runner_takes_its_orphaned_jobs_back_at_once(
     restarted_at_s = logged_at_s(
         [e for e in logged(server, "child started") if e["role"] == "jobs"][1]
     )
+    reclaimed_at_s = logged_at_s(reclaimed[0])
     started_again_s = max(r.started_at.ToNanoseconds() / 1e9 for r in results.values())
     finished_s = max(r.finished_at.ToNanoseconds() / 1e9 for r in results.values())
     figures = dict(
         kill_to_restart_s=round(restarted_at_s - killed_at_s, 2),
+        reclaim_to_jobs_started_s=round(started_again_s - reclaimed_at_s, 2),
         restart_to_jobs_started_s=round(started_again_s - restarted_at_s, 2),
         restart_to_jobs_finished_s=round(finished_s - restarted_at_s, 2),
     )
