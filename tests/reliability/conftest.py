@@ -1,5 +1,10 @@
 """The reliability suite: fixtures, and the report its figures go to.
 
+`make test` runs the suite at its short size: every defect's test, and a small share of
+the fuzz cases and client faults (seconds to a minute each). The soak (10,000 fuzz
+cases, 1,000 client faults, the load, fault and overload runs, the full drain) runs with
+`TWOLANE_SOAK=1`, which `make test-reliability` sets; tests marked `soak` run only then.
+
 Each test records what it measured (`report.record(...)`); at the end of the run the
 figures are printed as the README's "Reliability" table and written to
 `.cache/reliability/report.json`.
@@ -8,6 +13,7 @@ figures are printed as the README's "Reliability" table and written to
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +24,23 @@ from integration.serving import ServerProcess, start_server
 
 from .harness import reference_tokens
 
+SOAK = os.environ.get("TWOLANE_SOAK", "") not in ("", "0")
 MAX_JOBS = 2000  # the most jobs one run of the suite submits
 REPORT_PATH = Path(__file__).resolve().parents[2] / ".cache" / "reliability" / "report.json"
+
+
+def soak_or(soak: int, short: int) -> int:
+    """A run's size: `soak` under TWOLANE_SOAK=1, else `short`."""
+    return soak if SOAK else short
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if SOAK:
+        return
+    skip = pytest.mark.skip(reason="a soak run: make test-reliability (TWOLANE_SOAK=1)")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
 
 
 class Report:
