@@ -86,6 +86,7 @@ async def client(stub: inference_pb2_grpc.InferenceServiceStub, number: int, tal
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 async def test_a_saturated_server_sheds_with_retry_info_and_keeps_ttft(report: Report) -> None:
     server = start_server(
         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue-delay-s", str(QUEUE_DELAY_S)
