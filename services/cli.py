@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "twolane.services.frontend",
     "twolane.services.job_runner",
     "twolane.services.keys_cli",
+    "twolane.services.webhooks_cli",
 )
 
 

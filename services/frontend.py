@@ -265,6 +265,7 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
             jobs.model_validator(limits, prompts),
             name="twolane-frontend",
             tenant_max_queued=config.jobs.tenant_max_queued_jobs if keys else None,
+            webhooks=config.webhooks,
         )
         audit = AuditLog(security.audit_path(config.jobs.data_dir))
         stack.callback(audit.close)

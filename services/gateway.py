@@ -23,7 +23,13 @@ import structlog
 from twolane.scheduler.config import option
 from twolane.services import jobs, options
 from twolane.services.auth import current_principal
-from twolane.services.config import JobsConfig, ListenConfig, LogConfig, SecurityConfig
+from twolane.services.config import (
+    JobsConfig,
+    ListenConfig,
+    LogConfig,
+    SecurityConfig,
+    WebhookConfig,
+)
 from twolane.services.errors import NotConfiguredError
 from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
@@ -64,6 +70,7 @@ class GatewayConfig:
     )
     jobs: JobsConfig = field(default_factory=JobsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
@@ -83,7 +90,7 @@ async def run_gateway(config: GatewayConfig) -> None:
     stop = stop_event()
     async with contextlib.AsyncExitStack() as stack:
         _, store = await jobs.start_job_store(
-            stack, config.jobs, jobs.shape_validator, name="twolane-gateway"
+            stack, config.jobs, jobs.shape_validator, name="twolane-gateway", webhooks=config.webhooks
         )
         servicer = GatewayServicer(config.workers, store)
         stack.push_async_callback(servicer.close)

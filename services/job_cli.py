@@ -58,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--idempotency-key", default="")
     submit.add_argument("--custom-id", default="")
     submit.add_argument("--deadline", type=float, default=None, help="seconds from now")
+    _add_webhook_url(submit)
     _add_target(submit)
     submit.set_defaults(func=submit_main)
 
@@ -92,8 +93,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("-o", "--output", type=Path, required=True, help="JSONL results")
     batch.add_argument("--tier", choices=tuple(TIERS), default="bulk")
     batch.add_argument("--max-tokens", type=int, default=64, help="for lines that set none")
+    _add_webhook_url(batch)
     _add_target(batch)
     batch.set_defaults(func=batch_main)
+
+
+def _add_webhook_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--webhook-url",
+        default="",
+        help="POST each job's completion event here, signed (see `twolane webhooks secret`)",
+    )
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +131,7 @@ def submit_main(args: argparse.Namespace) -> int:
         tier=TIERS[args.tier],
         idempotency_key=args.idempotency_key,
         custom_id=args.custom_id,
+        webhook_url=args.webhook_url,
     )
     if args.deadline is not None:
         request.deadline.FromNanoseconds(time.time_ns() + int(args.deadline * 1e9))
@@ -236,6 +247,7 @@ def batch_main(args: argparse.Namespace) -> int:
     batch_key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
     for custom_id, request in requests:
         request.idempotency_key = f"batch-{batch_key}-{custom_id}"
+        request.webhook_url = args.webhook_url
     try:
         rows = asyncio.run(run_batch(Connection.from_args(args), requests))
     except grpc.aio.AioRpcError as err:

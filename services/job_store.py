@@ -33,6 +33,8 @@ from twolane.services.errors import (
     UnavailableError,
 )
 from twolane.services.jetstream import DEFAULT_TENANT, Buckets
+from twolane.services.webhook_store import webhook_status
+from twolane.services.webhook_urls import RefusedUrlError, UrlPolicy
 from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
 
 log = structlog.get_logger(__name__)
@@ -100,6 +102,8 @@ class JobStore:
         validate: checks a job's request before it is queued; raises
             InvalidArgumentError. The gateway of a split deployment has no model,
             so it checks the message's shape only and the worker does the rest.
+        webhook_policy: which webhook URLs submissions may carry (default: https to
+            public addresses only).
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class JobStore:
         validate: Validator,
         config: JobsConfig | None = None,
         tenant_max_queued: int | None = None,
+        webhook_policy: UrlPolicy | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -118,6 +123,7 @@ class JobStore:
         # With auth on, each tenant may queue this many jobs (None: no per-tenant cap).
         self._tenant_max_queued = tenant_max_queued
         self._tenants_with_consumers = {DEFAULT_TENANT}
+        self._webhook_policy = webhook_policy or UrlPolicy()
 
     # ---- the JobService API ----------------------------------------------------
 
@@ -125,6 +131,7 @@ class JobStore:
         self, request: jobs_pb2.SubmitJobRequest, tenant: str = DEFAULT_TENANT
     ) -> jobs_pb2.SubmitJobResponse:
         self._check_submission(request)
+        await self._check_webhook_url(request.webhook_url)
         if not request.tier:
             request = _with_tier(request, jobs_pb2.JOB_TIER_STANDARD)
         async with nats_errors():
@@ -170,6 +177,8 @@ class JobStore:
                     response.error = "the result has expired"
                 else:
                     response.result.CopyFrom(result)
+            if record.submission.webhook_url:
+                response.webhook.CopyFrom(await webhook_status(self.buckets.webhooks, record.job_id))
             return response
 
     async def cancel_job(
@@ -311,6 +320,16 @@ class JobStore:
                 violations.extend(exc.violations)
         if violations:
             raise InvalidArgumentError(violations)
+
+    async def _check_webhook_url(self, url: str) -> None:
+        """The SSRF rules, before anything is queued (the deliverer checks again when it
+        connects)."""
+        if not url:
+            return
+        try:
+            await self._webhook_policy.check(url)
+        except RefusedUrlError as exc:
+            raise InvalidArgumentError([FieldViolation("webhook_url", str(exc))]) from exc
 
     async def _check_tenant_queue(self, tenant: str) -> None:
         """Refuse a job past the tenant's queue cap: one tenant must not fill the shared

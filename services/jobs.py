@@ -14,13 +14,14 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from twolane.services import jetstream
-from twolane.services.config import JobsConfig
+from twolane.services.config import JobsConfig, WebhookConfig
 from twolane.services.jetstream import DEFAULT_TENANT
 from twolane.services.job_store import JobStore, Validator
 from twolane.services.nats_auth import read_credentials
 from twolane.services.nats_embedded import EmbeddedNats
 from twolane.services.prompts import ShapeOnly
 from twolane.services.validation import ModelLimits, validate_generate
+from twolane.services.webhook_urls import UrlPolicy
 from twolane.v1 import generate_pb2, jobs_pb2
 
 if TYPE_CHECKING:
@@ -128,10 +129,12 @@ async def start_job_store(
     validate: Validator,
     name: str,
     tenant_max_queued: int | None = None,
+    webhooks: WebhookConfig | None = None,
 ) -> tuple[NATS, JobStore]:
     """Connect to NATS, lay out the streams and buckets, and return the store.
 
-    `tenant_max_queued` caps each tenant's queued jobs (with auth on)."""
+    `tenant_max_queued` caps each tenant's queued jobs (with auth on); `webhooks` says
+    which webhook URLs submissions may carry (default: https to public addresses)."""
     url = await start_nats(stack, config)
     nc = await connect(stack, url, name, config.nats_creds)
     try:
@@ -139,7 +142,8 @@ async def start_job_store(
     except Exception as exc:
         raise OSError(f"cannot set up JetStream at {url}: {exc}") from exc
     log.info("job queue ready", nats_url=url, stream=jetstream.JOBS_STREAM)
-    return nc, JobStore(nc, buckets, validate, config, tenant_max_queued)
+    policy = UrlPolicy.from_config(webhooks) if webhooks is not None else None
+    return nc, JobStore(nc, buckets, validate, config, tenant_max_queued, policy)
 
 
 async def start_job_worker(
