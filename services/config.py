@@ -158,7 +158,9 @@ class WebhookConfig:
         "between half the step and the step; after the last the delivery fails",
         flag="webhook-retry-schedule",
     )
-    timeout_s: float = option(10.0, "seconds one webhook attempt may take", flag="webhook-timeout-s")
+    timeout_s: float = option(
+        10.0, "seconds one webhook attempt may take", flag="webhook-timeout-s"
+    )
     allow_http: bool = option(
         False, "allow plain http webhook URLs (off: https only)", flag="webhook-allow-http"
     )

@@ -90,7 +90,11 @@ async def run_gateway(config: GatewayConfig) -> None:
     stop = stop_event()
     async with contextlib.AsyncExitStack() as stack:
         _, store = await jobs.start_job_store(
-            stack, config.jobs, jobs.shape_validator, name="twolane-gateway", webhooks=config.webhooks
+            stack,
+            config.jobs,
+            jobs.shape_validator,
+            name="twolane-gateway",
+            webhooks=config.webhooks,
         )
         servicer = GatewayServicer(config.workers, store)
         stack.push_async_callback(servicer.close)

@@ -178,7 +178,9 @@ class JobStore:
                 else:
                     response.result.CopyFrom(result)
             if record.submission.webhook_url:
-                response.webhook.CopyFrom(await webhook_status(self.buckets.webhooks, record.job_id))
+                response.webhook.CopyFrom(
+                    await webhook_status(self.buckets.webhooks, record.job_id)
+                )
             return response
 
     async def cancel_job(

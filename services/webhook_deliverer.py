@@ -19,8 +19,9 @@ are named after tenants, which are lower case, so they can never touch these.
 
 Isolation: requests in flight per host are capped and a circuit breaker pauses failing
 hosts (webhook_hosts.py); every attempt has `--webhook-timeout-s` in all. A delivery
-whose host already has a full queue here goes back on the stream for one timeout
-instead of taking a place in the process that another host's delivery could use.
+whose host already has a full queue here goes back on the stream (for at most one
+timeout) instead of taking a place in the process that another host's delivery could
+use.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import structlog
 from google.protobuf import message as protobuf_message
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.js import JetStreamContext, api
 
 from twolane.services import jetstream
 from twolane.services.config import WebhookConfig
@@ -55,7 +56,7 @@ from twolane.services.webhook_store import (
     now_timestamp,
 )
 from twolane.services.webhook_transport import RefusedAddressError, checked_client, post_capped
-from twolane.services.webhook_urls import UrlPolicy, origin_of
+from twolane.services.webhook_urls import RefusedUrlError, UrlPolicy, origin_of, parse_url
 from twolane.v1 import jobs_pb2, webhook_delivery_pb2
 
 log = structlog.get_logger(__name__)
@@ -177,11 +178,14 @@ class WebhookDeliverer:
         self.schedule_s = config.schedule_s
         self.metrics = metrics or WebhookMetrics()
         self.hosts = HostGates(config.max_per_host, on_state=self.metrics.observe_circuit)
-        self.client = checked_client(UrlPolicy.from_config(config), config.timeout_s, config.ca_file)
+        self.client = checked_client(
+            UrlPolicy.from_config(config), config.timeout_s, config.ca_file
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
+        self._subs: list[JetStreamContext.PullSubscription] = []
         self._watch: asyncio.Task[None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -224,7 +228,7 @@ class WebhookDeliverer:
 
     # ---- intake ------------------------------------------------------------------
 
-    async def _intake_loop(self, sub: object) -> None:
+    async def _intake_loop(self, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping:
             msgs = await self._fetch(sub, FETCH_BATCH)
             await asyncio.gather(*(self._run_intake(msg) for msg in msgs))
@@ -270,7 +274,7 @@ class WebhookDeliverer:
 
     # ---- deliveries --------------------------------------------------------------
 
-    async def _delivery_loop(self, sub: object) -> None:
+    async def _delivery_loop(self, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping:
             room = MAX_TICKETS_IN_FLIGHT - len(self._tasks)
             if room <= 0:
@@ -330,7 +334,8 @@ class WebhookDeliverer:
                 return
         origin = origin_of(record.url)
         if self.hosts.is_crowded(origin):
-            await msg.nak(delay=random.uniform(0.5, 1.0) * self.config.timeout_s)
+            retry_after_s = self.hosts.retry_after_s(origin, self.config.timeout_s)
+            await msg.nak(delay=random.uniform(1.0, 1.5) * retry_after_s)
             return
         async with self._holding(msg), self.hosts.slot(origin):
             await self._attempt(msg, stored, origin, owner)
@@ -361,12 +366,20 @@ class WebhookDeliverer:
                 f"next probe in {paused_s:.0f} s)",
             )
         else:
+            started_s = time.monotonic()
             outcome = await self._send(stored.record)
             self.hosts.record(origin, outcome.host_healthy, is_probe)
+            self.hosts.observe_latency(origin, time.monotonic() - started_s)
         await self._settle(msg, stored, outcome)
 
     async def _send(self, record: webhook_delivery_pb2.WebhookDelivery) -> Outcome:
         timeout_s = self.config.timeout_s
+        try:
+            # The URL passed at submit; the rules may have changed since (a restart
+            # without --webhook-allow-http). Its addresses are checked when connecting.
+            parse_url(record.url, self.config.allow_http)
+        except RefusedUrlError as exc:
+            return Outcome("refused", error=f"refused: {exc}")
         headers = signed_headers(
             record.status.webhook_id, record.body, self.secrets.signing_secrets(record.tenant)
         )
@@ -379,7 +392,7 @@ class WebhookDeliverer:
             return Outcome("refused", error=f"refused when connecting: {exc}")
         except (asyncio.TimeoutError, httpx.TimeoutException):
             outcome = Outcome("timeout", error=f"no response within {timeout_s:g} s")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             text = str(exc).replace(record.url, origin_of(record.url))
             outcome = Outcome("connect_error", error=f"{type(exc).__name__}: {text}".strip())
         else:
@@ -410,7 +423,11 @@ class WebhookDeliverer:
         job_id = stored.record.job_id
         stored, _ = await self.deliveries.transition(job_id, conclude, stored)
         status = stored.record.status
-        fields = {"job_id": job_id, "host": origin_of(stored.record.url), "attempt": status.attempts}
+        fields = {
+            "job_id": job_id,
+            "host": origin_of(stored.record.url),
+            "attempt": status.attempts,
+        }
         if status.state == jobs_pb2.WEBHOOK_STATE_DELIVERED:
             await msg.ack()
             self.metrics.deliveries.labels("delivered").inc()
@@ -433,9 +450,9 @@ class WebhookDeliverer:
 
     # ---- plumbing ----------------------------------------------------------------
 
-    async def _fetch(self, sub: object, batch: int) -> list[Msg]:
+    async def _fetch(self, sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]:
         try:
-            return await sub.fetch(batch, timeout=FETCH_TIMEOUT_S)  # type: ignore[attr-defined]
+            return await sub.fetch(batch, timeout=FETCH_TIMEOUT_S)
         except nats.errors.TimeoutError:
             return []
         except Exception as exc:  # NATS is away or restarting: keep trying

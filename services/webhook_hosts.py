@@ -3,8 +3,9 @@ breaker per host.
 
 Hosts are origins (`scheme://host:port`). A host gets at most `max_in_flight` requests
 at once, and at most as many more deliveries wait for it here; past that a delivery is
-put back on the queue for later, so a slow or dead host holds a bounded share of the
-deliverer and never the rest of it.
+put back on the queue until about when a slot should be free (from the host's recent
+latency), so a slow or dead host holds a bounded share of the deliverer and never the
+rest of it, while a fast one still gets its deliveries back in time to fill its slots.
 
 The breaker counts a host's failures in a row (no response, a timeout, 5xx, 429). After
 `failure_threshold` of them it opens: the host is paused, and attempts due meanwhile fail
@@ -27,6 +28,10 @@ COOLDOWN_S = 30.0
 MAX_COOLDOWN_S = 600.0
 # Closed, idle hosts beyond this many are forgotten.
 MAX_IDLE_HOSTS = 10_000
+# A host's latency before it has answered anything, and how fast the estimate follows.
+FIRST_LATENCY_S = 1.0
+LATENCY_WEIGHT = 0.2
+MIN_RETRY_AFTER_S = 0.05
 
 
 class CircuitState(enum.IntEnum):
@@ -90,6 +95,7 @@ class Host:
     breaker: Breaker
     num_waiting: int = 0
     num_in_flight: int = 0
+    latency_s: float = FIRST_LATENCY_S
 
 
 @dataclass
@@ -116,6 +122,18 @@ class HostGates:
     def is_crowded(self, origin: str) -> bool:
         """Whether as many deliveries wait for the host as it may have in flight."""
         return self.host(origin).num_waiting >= self.max_in_flight
+
+    def retry_after_s(self, origin: str, max_s: float) -> float:
+        """When a delivery turned away from a crowded host should come back: about when
+        the deliveries ahead of it will have had their turn (at most `max_s`)."""
+        host = self.host(origin)
+        backlog = host.num_waiting + host.num_in_flight
+        wait_s = host.latency_s * backlog / self.max_in_flight
+        return min(max_s, max(MIN_RETRY_AFTER_S, wait_s))
+
+    def observe_latency(self, origin: str, seconds: float) -> None:
+        host = self.host(origin)
+        host.latency_s += LATENCY_WEIGHT * (seconds - host.latency_s)
 
     @contextlib.asynccontextmanager
     async def slot(self, origin: str) -> AsyncIterator[Host]:

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from twolane.services.config import WebhookProcessConfig, default_data_dir, env_
 from twolane.services.errors import ServiceError
 from twolane.services.keys import check_tenant
 from twolane.services.nats_embedded import read_url_file
-from twolane.services.process import run_process, signal_ready, stop_event
+from twolane.services.process import run_process, settle_heap, signal_ready, stop_event
 from twolane.services.webhook_deliverer import WebhookDeliverer
 from twolane.services.webhook_metrics import WebhookMetrics
 from twolane.services.webhook_secrets import DEFAULT_GRACE_S, WebhookSecrets
@@ -113,6 +114,10 @@ def serve_main(args: argparse.Namespace) -> int:
 async def run_webhooks(config: WebhookProcessConfig) -> None:
     """Deliver until SIGTERM or SIGINT; then attempts in flight get the grace period."""
     stop = stop_event()
+    # Batch-lane bookkeeping, like the job runner's: it yields the CPU to the processes
+    # that serve interactive calls (--job-niceness).
+    if config.jobs.niceness:
+        os.nice(config.jobs.niceness)
     async with contextlib.AsyncExitStack() as stack:
         nc, store = await jobs.start_job_store(
             stack, config.jobs, jobs.shape_validator, name="twolane-webhooks"
@@ -125,9 +130,12 @@ async def run_webhooks(config: WebhookProcessConfig) -> None:
         except OSError as exc:
             raise OSError(f"cannot keep webhook secrets in {config.jobs.data_dir}: {exc}") from exc
         deliveries = DeliveryStore(nc.jetstream(), store.buckets.webhooks)
-        deliverer = WebhookDeliverer(nc, store, deliveries, secrets, config.webhooks, WebhookMetrics())
+        deliverer = WebhookDeliverer(
+            nc, store, deliveries, secrets, config.webhooks, WebhookMetrics()
+        )
         await deliverer.start()
         stack.push_async_callback(deliverer.stop, config.grace_period_s)
+        settle_heap()
         signal_ready(config.child.ready_fd)
         await stop.wait()
         log.info("draining", grace_period_s=config.grace_period_s)

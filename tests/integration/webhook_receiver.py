@@ -4,6 +4,7 @@ that accepts connections and never answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -85,10 +86,8 @@ class Receiver:
             if remaining_s <= 0:
                 pytest.fail(f"{len(self.deliveries)} of {count} webhook deliveries arrived")
             self._arrived.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(remaining_s, 0.5))
-            except asyncio.TimeoutError:
-                pass
         return list(self.deliveries)
 
     def job_ids(self) -> set[str]:

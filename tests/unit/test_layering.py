@@ -44,6 +44,7 @@ def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
         "twolane.services.job_runner",
         "twolane.services.supervisor",
         "twolane.services.gateway",
+        "twolane.services.webhooks_cli",
         "twolane.services.cli",
         "twolane.scheduler.client",
     ],

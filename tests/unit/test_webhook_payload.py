@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 from pathlib import Path
 
@@ -114,5 +115,5 @@ def test_each_retry_waits_between_half_its_step_and_its_step_so_gaps_grow() -> N
     for attempt, step_s in enumerate(schedule, start=1):
         delays = [retry_delay_s(schedule, attempt) for _ in range(200)]
         assert all(step_s / 2 <= d <= step_s for d in delays)
-    for before, after in zip(schedule, schedule[1:]):
+    for before, after in itertools.pairwise(schedule):
         assert after / 2 >= before  # so a later retry never comes sooner than an earlier
