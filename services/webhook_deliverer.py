@@ -67,8 +67,10 @@ DELIVERY_CONSUMER = "WEBHOOKS"
 MAX_TICKETS_IN_FLIGHT = 1024
 FETCH_BATCH = 64
 FETCH_TIMEOUT_S = 1.0
-# A NATS hiccup while handling a message: it comes back this soon.
+# A NATS hiccup while handling a message: it comes back this soon (an event that keeps
+# failing to be taken in, later and later).
 BOOKKEEPING_RETRY_S = 1.0
+MAX_INTAKE_RETRY_S = 60.0
 QUEUE_WATCH_S = 5.0
 ERROR_SNIPPET_CHARS = 200
 # Deliveries not yet due by less than this go now.
@@ -182,6 +184,9 @@ class WebhookDeliverer:
             UrlPolicy.from_config(config), config.timeout_s, config.ca_file
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        # Jobs whose ticket a task here holds: a redelivery of that ticket (its heartbeat
+        # came late) is left to that task, never sent a second time in parallel.
+        self._in_hand: set[str] = set()
         self._room = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
@@ -238,9 +243,16 @@ class WebhookDeliverer:
         try:
             await self._take_in(msg)
         except Exception as exc:
-            log.warning("webhook intake failed; retrying", error=repr(exc), subject=msg.subject)
+            num_delivered = max(1, msg.metadata.num_delivered)
+            retry_in_s = min(MAX_INTAKE_RETRY_S, BOOKKEEPING_RETRY_S * 2 ** (num_delivered - 1))
+            log.warning(
+                "webhook intake failed; retrying",
+                error=repr(exc),
+                subject=msg.subject,
+                retry_in_s=retry_in_s,
+            )
             with contextlib.suppress(Exception):
-                await msg.nak(delay=BOOKKEEPING_RETRY_S)
+                await msg.nak(delay=retry_in_s)
 
     async def _take_in(self, msg: Msg) -> None:
         try:
@@ -310,11 +322,22 @@ class WebhookDeliverer:
             job_id = webhook_delivery_pb2.WebhookTicket.FromString(msg.data).job_id
         except protobuf_message.DecodeError:
             job_id = ""
-        stored = await self.deliveries.read(job_id) if job_id else None
-        if stored is None:
-            log.error("webhook ticket without a delivery terminated", subject=msg.subject)
-            await msg.term()
+        if job_id in self._in_hand:
+            # Settled by the task that holds it (or, a second ticket, once that is done).
+            log.warning("webhook ticket redelivered while in hand; left to it", job_id=job_id)
             return
+        self._in_hand.add(job_id)
+        try:
+            stored = await self.deliveries.read(job_id) if job_id else None
+            if stored is None:
+                log.error("webhook ticket without a delivery terminated", subject=msg.subject)
+                await msg.term()
+                return
+            await self._drive(msg, stored)
+        finally:
+            self._in_hand.discard(job_id)
+
+    async def _drive(self, msg: Msg, stored: StoredDelivery) -> None:
         record = stored.record
         if record.status.state in FINAL_STATES:
             if record.status.state == jobs_pb2.WEBHOOK_STATE_FAILED and not record.dlq_sequence:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.js.errors
+from google.protobuf import message as protobuf_message
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -62,12 +63,16 @@ class DeliveryStore:
         self.bucket = bucket
 
     async def read(self, job_id: str) -> StoredDelivery | None:
+        """The job's delivery; None if there is none (or it is unreadable)."""
         try:
             entry = await self.bucket.get(job_id)
         except nats.js.errors.KeyNotFoundError:
             return None
         assert entry.value is not None and entry.revision is not None
-        record = webhook_delivery_pb2.WebhookDelivery.FromString(entry.value)
+        try:
+            record = webhook_delivery_pb2.WebhookDelivery.FromString(entry.value)
+        except protobuf_message.DecodeError:
+            return None
         return StoredDelivery(record, entry.revision)
 
     async def create(self, record: webhook_delivery_pb2.WebhookDelivery) -> bool:
