@@ -178,6 +178,20 @@ async def wait_webhook(
         await asyncio.sleep(0.1)
 
 
+async def dead_lettered(
+    js: nats.js.JetStreamContext, job_id: str
+) -> webhook_delivery_pb2.WebhookDelivery:
+    """The failed delivery once its dead letter is out (noted right after FAILED)."""
+    bucket = await js.key_value("twolane_webhooks")
+    give_up_at = time.monotonic() + 30
+    while True:
+        entry = await bucket.get(job_id)
+        delivery = webhook_delivery_pb2.WebhookDelivery.FromString(entry.value)
+        if delivery.dlq_sequence or time.monotonic() > give_up_at:
+            return delivery
+        await asyncio.sleep(0.1)
+
+
 def _log_entries(server: ServerProcess) -> list[dict]:
     return [json.loads(line) for line in list(server.lines) if line.startswith("{")]
 
@@ -246,8 +260,7 @@ async def test_an_always_failing_receiver_ends_failed_on_the_dlq_and_redeliver_w
         nc = await hooks.nats()
         try:
             js = nc.jetstream()
-            record = await (await js.key_value("twolane_webhooks")).get(job_id)
-            delivery = webhook_delivery_pb2.WebhookDelivery.FromString(record.value)
+            delivery = await dead_lettered(js, job_id)
             letter_msg = await js.get_msg("TWOLANE_DLQ", delivery.dlq_sequence)
             assert letter_msg.subject == DLQ_SUBJECT
             letter = webhook_delivery_pb2.WebhookDeadLetter.FromString(letter_msg.data)

@@ -62,8 +62,8 @@ def test_public_addresses_pass(address: str) -> None:
     [
         ("http://example.com/", "http is refused"),
         ("ftp://example.com/", "scheme"),
-        ("https:///path", "no host"),
-        ("not a url", "scheme"),
+        ("https:///path", "no host|not a valid URL"),
+        ("not a url", "scheme|not a valid URL"),
         ("https://example.com/" + "a" * 3000, "longer than"),
     ],
 )
