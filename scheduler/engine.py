@@ -22,7 +22,7 @@ from twolane.models.resolve import resolve_model_dir
 from twolane.models.runner import ModelRunner, StepResult
 from twolane.models.sampling import make_generator
 from twolane.scheduler.block_manager import BlockManager
-from twolane.scheduler.config import EngineConfig
+from twolane.scheduler.config import EngineConfig, served_model_name
 from twolane.scheduler.metrics import EngineMetrics
 from twolane.scheduler.protocol import AddRequest, EngineStats, Load, TokenOutput, final_output
 from twolane.scheduler.request import ErrorCode, FinishReason, Priority, SamplingParams
@@ -75,7 +75,7 @@ class EngineCore:
         self.runner = ModelRunner(
             model, self.model_config, backend, num_blocks, config.block_size, dtype, config.device
         )
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(served_model_name(config.model))
         self._requests: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
@@ -199,9 +199,11 @@ class EngineCore:
     def refresh_gauges(self) -> None:
         """Running, waiting and free-block gauges as they are now (after a step or an
         abort), so a scrape never shows a request that has finished."""
+        bm = self.block_manager
         self.metrics.observe_queues(
-            self.scheduler.running, self.scheduler.waiting, self.block_manager.num_free_blocks
+            self.scheduler.running, self.scheduler.waiting, bm.num_free_blocks, bm.num_blocks
         )
+        self.metrics.observe_prefix_cache(bm.num_prefix_query_tokens, bm.num_prefix_hit_tokens)
 
     def urgent_step(self) -> list[TokenOutput]:
         """Prefill waiting interactive requests in a step of their own, from inside the

@@ -19,14 +19,17 @@ import grpc
 import structlog
 
 from twolane.scheduler.client import EngineClient
+from twolane.scheduler.config import served_model_name
 from twolane.scheduler.protocol import EngineAddress
 from twolane.scheduler.request import Priority
-from twolane.services import convert, jobs, options
+from twolane.services import convert, jobs, options, tracing
 from twolane.services.audit import AuditLog
 from twolane.services.auth import current_principal
+from twolane.services.availability import Availability
+from twolane.services.call import current_request_id
 from twolane.services.config import FrontendProcessConfig
-from twolane.services.errors import NotConfiguredError
-from twolane.services.generation import RequestOutput, generate
+from twolane.services.errors import NotConfiguredError, UnavailableError
+from twolane.services.generation import RequestOutput, generate, trace_phases
 from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
 from twolane.services.keys import KeyStore, Principal
@@ -102,7 +105,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetStats(
         self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetStatsResponse:
-        return convert.stats_response(await self._engine.stats())
+        assert self._engine.info is not None
+        reply = convert.stats_response(
+            await self._engine.stats(), served_model_name(self._engine.info.model)
+        )
+        if self._jobs is not None:
+            with contextlib.suppress(UnavailableError):  # the engine's figures still count
+                await self._jobs.fill_backlog(reply)
+        return reply
 
     @grpc_errors
     async def SubmitJob(
@@ -167,15 +177,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Validate, count against the tenant's quotas and enqueue; returns the request id
         and its updates."""
         principal = current_principal()
-        valid = validate_generate(request, self._limits, self._prompts)
+        with tracing.tracer.start_as_current_span("validate"):
+            valid = validate_generate(request, self._limits, self._prompts)
         reservation = self._quotas.admit(
             principal, len(valid.prompt_token_ids) + valid.params.max_tokens
         )
-        request_id = uuid.uuid4().hex
+        # The caller's id (x-request-id) names the request to the caller and in logs; the
+        # engine gets an id of its own, since two callers may send the same one.
+        request_id = current_request_id()
         outputs = generate(
             self._engine,
             self._prompts.tokenizer,
-            request_id,
+            uuid.uuid4().hex,
             valid,
             Priority.INTERACTIVE,
             _deadline_s(context),
@@ -191,9 +204,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         outputs: AsyncIterator[RequestOutput],
         reservation: Reservation,
     ) -> AsyncIterator[RequestOutput]:
-        """The updates, with the tokens the request used settled and its end logged."""
+        """The updates, with the tokens the request used settled, the phases traced and the
+        end logged."""
         used = 0
         text: list[str] = []
+        arrival_s = time.monotonic()
         try:
             async for out in outputs:
                 reservation.started()
@@ -201,6 +216,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if self._log_prompts:
                     text.append(out.new_text)
                 if out.finished:
+                    trace_phases(out, arrival_s)
                     fields = {"prompt": request.prompt, "output": "".join(text)}
                     log.info(
                         "request finished",
@@ -250,20 +266,23 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
     security = config.security
     keys = KeyStore(Path(security.api_keys)) if security.auth_on else None
     async with contextlib.AsyncExitStack() as stack:
-        stack.enter_context(watch_loop_lag("frontend"))
         engine = EngineClient(EngineAddress(Path(config.child.ipc_dir)), name="frontend")
         await engine.start()
         stack.push_async_callback(engine.close)
         info = await engine.wait_ready_unless(stop)
         if info is None:
             return
+        stack.enter_context(watch_loop_lag("frontend", served_model_name(info.model)))
         prompts = ModelPrompts.from_dir(Path(info.model_dir))
         limits = ModelLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len)
+        nats_availability = Availability()
         _, store = await jobs.start_job_store(
             stack,
             config.jobs,
             jobs.model_validator(limits, prompts),
             name="twolane-frontend",
+            stop=stop,
+            availability=nats_availability,
             tenant_max_queued=config.jobs.tenant_max_queued_jobs if keys else None,
             webhooks=config.webhooks,
         )
@@ -279,6 +298,7 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
             keys=keys,
             reuse_port=config.reuse_port,
             engine=engine,
+            jobs_availability=nats_availability,
         )
         settle_heap()
         signal_ready(config.child.ready_fd)

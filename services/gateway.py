@@ -21,8 +21,10 @@ import grpc
 import structlog
 
 from twolane.scheduler.config import option
-from twolane.services import jobs, options
+from twolane.services import jobs, options, tracing
 from twolane.services.auth import current_principal
+from twolane.services.availability import Availability
+from twolane.services.call import REQUEST_ID_KEY, current_request_id
 from twolane.services.config import (
     JobsConfig,
     ListenConfig,
@@ -30,7 +32,7 @@ from twolane.services.config import (
     SecurityConfig,
     WebhookConfig,
 )
-from twolane.services.errors import NotConfiguredError
+from twolane.services.errors import NotConfiguredError, UnavailableError
 from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
 from twolane.services.keys import KeyStore
@@ -89,11 +91,14 @@ async def run_gateway(config: GatewayConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and stop."""
     stop = stop_event()
     async with contextlib.AsyncExitStack() as stack:
+        nats_availability = Availability()
         _, store = await jobs.start_job_store(
             stack,
             config.jobs,
             jobs.shape_validator,
             name="twolane-gateway",
+            stop=stop,
+            availability=nats_availability,
             webhooks=config.webhooks,
         )
         servicer = GatewayServicer(config.workers, store)
@@ -106,6 +111,7 @@ async def run_gateway(config: GatewayConfig) -> None:
             config.listen,
             security=security,
             keys=keys,
+            jobs_availability=nats_availability,
             workers=list(config.workers),
         )
         await stop.wait()
@@ -213,15 +219,28 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if isinstance(reply, grpc.aio.AioRpcError):
                     await _relay(context, reply)
                 raise reply
-        total = inference_pb2.GetStatsResponse()
+        total = inference_pb2.GetStatsResponse(model_name=stats[0].model_name)
+        summed = (
+            "num_running",
+            "num_waiting",
+            "num_free_blocks",
+            "num_used_blocks",
+            "num_total_blocks",
+            "num_preemptions",
+            "num_running_interactive",
+            "num_waiting_interactive",
+            "num_running_batch",
+            "num_waiting_batch",
+            "num_steps",
+        )
         for worker in stats:
-            total.num_running += worker.num_running
-            total.num_waiting += worker.num_waiting
-            total.num_free_blocks += worker.num_free_blocks
-            total.num_used_blocks += worker.num_used_blocks
-            total.num_total_blocks += worker.num_total_blocks
-            total.num_preemptions += worker.num_preemptions
+            for name in summed:
+                setattr(total, name, getattr(total, name) + getattr(worker, name))
         total.prefix_cache_hit_rate = sum(w.prefix_cache_hit_rate for w in stats) / len(stats)
+        total.num_workers = len(stats)
+        # The backlog is the shared queue's: the gateway reads it itself.
+        with contextlib.suppress(UnavailableError):
+            await self._jobs.fill_backlog(total)
         return total
 
     @grpc_errors
@@ -254,12 +273,14 @@ async def _relay(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -
 
 
 def _forwarded(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
-    """The caller's key goes on to the worker, which checks it against the same keys."""
-    return tuple(
-        (key, value)
-        for key, value in context.invocation_metadata() or ()
-        if key == "authorization" and isinstance(value, str)
+    """What the worker gets of the call: the caller's key (it checks the same keys), the
+    request id, and the trace context with the gateway's span as the parent."""
+    key = tuple(
+        (k, v)
+        for k, v in context.invocation_metadata() or ()
+        if k == "authorization" and isinstance(v, str)
     )
+    return (*key, (REQUEST_ID_KEY, current_request_id()), *tracing.inject().items())
 
 
 def _timeout_s(context: grpc.aio.ServicerContext) -> float | None:

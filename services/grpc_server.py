@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from twolane.scheduler.client import EngineClient
 from twolane.services.auth import AuthInterceptor
+from twolane.services.availability import Availability
 from twolane.services.config import ListenConfig, SecurityConfig
 from twolane.services.keys import KeyStore
 from twolane.v1 import inference_pb2, inference_pb2_grpc
@@ -21,6 +23,8 @@ from twolane.v1 import inference_pb2, inference_pb2_grpc
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# The health name of the batch lane: NOT_SERVING while NATS does not answer.
+JOBS_HEALTH_NAME = "twolane.v1.Jobs"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -73,6 +77,7 @@ async def start_grpc_server(
     keys: KeyStore | None = None,
     reuse_port: bool = False,
     engine: EngineClient | None = None,
+    jobs_availability: Availability | None = None,
     **log_fields: object,
 ) -> RunningServer:
     """Serve `servicer` with health and reflection, and log the `listening` line.
@@ -81,8 +86,9 @@ async def start_grpc_server(
     frontends of one `twolane serve`, whose supervisor has checked the port is theirs).
     With `keys`, every call but health and reflection needs an API key; with the
     security config's certificate, the port speaks TLS only (mutual TLS with a client
-    CA). With `engine`, the health of InferenceService follows it: NOT_SERVING while the
-    engine core is down. On exit the server turns NOT_SERVING, refuses new RPCs and
+    CA). With `engine`, the health of InferenceService (and of the server, "") follows
+    it: NOT_SERVING while the engine core is down; with `jobs_availability`, the health
+    of twolane.v1.Jobs follows NATS. On exit the server turns NOT_SERVING, refuses new RPCs and
     gives in-flight ones the grace period.
 
     Raises:
@@ -115,6 +121,8 @@ async def start_grpc_server(
 
     stack.push_async_callback(drain)
     await _follow_engine(health_servicer, engine)
+    if jobs_availability is not None:
+        _follow(health_servicer, (JOBS_HEALTH_NAME,), jobs_availability.listen)
     log.info(
         "listening", host=listen.host, port=bound, address=f"{listen.host}:{bound}", **log_fields
     )
@@ -124,19 +132,30 @@ async def start_grpc_server(
 async def _follow_engine(
     health_servicer: health.aio.HealthServicer, engine: EngineClient | None
 ) -> None:
-    async def set_all(status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
-
     if engine is None:
-        await set_all(_SERVING)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, _SERVING)
         return
+    _follow(health_servicer, ("", SERVICE_NAME), engine.add_ready_listener)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, _SERVING if engine.is_ready else _NOT_SERVING)
+
+
+def _follow(
+    health_servicer: health.aio.HealthServicer,
+    names: tuple[str, ...],
+    listen: Callable[[Callable[[bool], None]], None],
+) -> None:
+    """Keep `names` SERVING exactly while what `listen` reports is up."""
     tasks: set[asyncio.Task[None]] = set()
 
-    def on_ready(ready: bool) -> None:
-        task = asyncio.ensure_future(set_all(_SERVING if ready else _NOT_SERVING))
+    async def set_all(serving: bool) -> None:
+        for name in names:
+            await health_servicer.set(name, _SERVING if serving else _NOT_SERVING)
+
+    def on_change(serving: bool) -> None:
+        task = asyncio.ensure_future(set_all(serving))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    engine.add_ready_listener(on_ready)
-    await set_all(_SERVING if engine.is_ready else _NOT_SERVING)
+    listen(on_change)

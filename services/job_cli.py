@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import sys
@@ -27,6 +28,7 @@ from twolane.services import jetstream
 from twolane.services.channel import Connection, add_connection_args
 from twolane.services.config import default_data_dir, env_default
 from twolane.services.generate_cli import describe_error
+from twolane.services.jobs import NATS_CONNECT_TIMEOUT_S, connect
 from twolane.services.nats_embedded import read_url_file
 from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
 
@@ -83,6 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="NATS URL; unset, the one `twolane serve` wrote to --data-dir (env TWOLANE_NATS_URL)",
     )
     watch.add_argument("--data-dir", default=env_default("TWOLANE_DATA_DIR", default_data_dir()))
+    watch.add_argument(
+        "--nats-creds",
+        default=env_default("TWOLANE_NATS_CREDS", ""),
+        help="file with a NATS user and password, one per line (twolane nats-creds)",
+    )
     watch.add_argument("--timeout", type=float, default=None, help="give up after this many s")
     watch.set_defaults(func=watch_main)
 
@@ -195,10 +202,17 @@ def watch_main(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        event = asyncio.run(watch(url, args.tenant, args.job_id, args.timeout))
+        event = asyncio.run(watch(url, args.tenant, args.job_id, args.timeout, args.nats_creds))
     except (OSError, nats.errors.Error) as exc:
-        print(f"twolane watch: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        hint = (
+            ""
+            if args.nats_url
+            else f" (the URL {args.data_dir}/nats.url names; is `twolane serve` running?)"
+        )
+        print(f"twolane watch: {exc}{hint}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     if event is None:
         print(f"twolane watch: no event for job {args.job_id} in time", file=sys.stderr)
         return 1
@@ -207,26 +221,35 @@ def watch_main(args: argparse.Namespace) -> int:
 
 
 async def watch(
-    url: str, tenant: str, job_id: str, timeout_s: float | None
+    url: str, tenant: str, job_id: str, timeout_s: float | None, creds: str = ""
 ) -> jobs_pb2.JobEvent | None:
-    """The job's completion event: the stored one if it is out, else the next one."""
+    """The job's completion event: the stored one if it is out, else the next one.
+
+    Raises:
+        OSError: NATS cannot be reached (within `timeout_s`, at most NATS_CONNECT_TIMEOUT_S).
+    """
     subject = jetstream.result_subject(tenant, job_id)
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=-1)
+    connect_s = min(timeout_s or NATS_CONNECT_TIMEOUT_S, NATS_CONNECT_TIMEOUT_S)
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await connect(stack, url, "twolane-watch", creds, timeout_s=connect_s)
+        return await _wait_for_event(nc, subject, timeout_s)
+
+
+async def _wait_for_event(
+    nc: nats.aio.client.Client, subject: str, timeout_s: float | None
+) -> jobs_pb2.JobEvent | None:
+    # Subscribe before looking back, so an event published in between is not missed.
+    sub = await nc.subscribe(subject, max_msgs=1)
     try:
-        # Subscribe before looking back, so an event published in between is not missed.
-        sub = await nc.subscribe(subject, max_msgs=1)
-        try:
-            stored = await nc.jetstream().get_last_msg(jetstream.RESULTS_STREAM, subject)
-            return jobs_pb2.JobEvent.FromString(stored.data)
-        except nats.js.errors.NotFoundError:
-            pass
-        try:
-            msg = await sub.next_msg(timeout=timeout_s or 365 * 24 * 3600.0)
-        except nats.errors.TimeoutError:
-            return None
-        return jobs_pb2.JobEvent.FromString(msg.data)
-    finally:
-        await nc.close()
+        stored = await nc.jetstream().get_last_msg(jetstream.RESULTS_STREAM, subject)
+        return jobs_pb2.JobEvent.FromString(stored.data)
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        msg = await sub.next_msg(timeout=timeout_s or 365 * 24 * 3600.0)
+    except nats.errors.TimeoutError:
+        return None
+    return jobs_pb2.JobEvent.FromString(msg.data)
 
 
 # ---- batch --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from twolane.scheduler.client import EngineClient
+from twolane.scheduler.config import served_model_name
 from twolane.scheduler.protocol import EngineAddress
 from twolane.services import jobs, options
 from twolane.services.config import JobRunnerProcessConfig
@@ -46,21 +47,25 @@ def main(args: argparse.Namespace) -> int:
 async def run_job_runner(config: JobRunnerProcessConfig) -> None:
     """Pull and run jobs until SIGTERM or SIGINT; then finish or give back running ones."""
     stop = stop_event()
-
-    if os.environ.get("EXP_NICE"):
-        os.nice(int(os.environ["EXP_NICE"]))
+    # Job bookkeeping yields the CPU to the processes that serve interactive calls: on a
+    # machine with few cores, a burst of it would otherwise delay a first token.
+    os.nice(config.jobs.niceness)
     async with contextlib.AsyncExitStack() as stack:
-        stack.enter_context(watch_loop_lag("jobs"))
         engine = EngineClient(EngineAddress(Path(config.child.ipc_dir)), name="jobs")
         await engine.start()
         stack.push_async_callback(engine.close)
         info = await engine.wait_ready_unless(stop)
         if info is None:
             return
+        stack.enter_context(watch_loop_lag("jobs", served_model_name(info.model)))
         prompts = ModelPrompts.from_dir(Path(info.model_dir))
         limits = ModelLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len)
         nc, store = await jobs.start_job_store(
-            stack, config.jobs, jobs.model_validator(limits, prompts), name="twolane-jobs"
+            stack,
+            config.jobs,
+            jobs.model_validator(limits, prompts),
+            name="twolane-jobs",
+            stop=stop,
         )
         keys = KeyStore(Path(config.security.api_keys)) if config.security.auth_on else None
 

@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 
 from twolane.scheduler.errors import EngineStoppedError
 from twolane.scheduler.request import Priority
-from twolane.services import convert, jetstream
+from twolane.services import convert, jetstream, tracing
 from twolane.services.config import JobsConfig
 from twolane.services.errors import (
     InvalidArgumentError,
@@ -39,13 +39,15 @@ from twolane.services.errors import (
     RequestFailedError,
     UnavailableError,
 )
-from twolane.services.generation import RequestOutput, generate
+from twolane.services.generation import RequestOutput, generate, trace_phases
 from twolane.services.jetstream import Lane
+from twolane.services.job_metrics import JobMetrics
 from twolane.services.job_store import (
     TERMINAL_STATES,
     JobStore,
     now_timestamp,
     parse_ticket,
+    tier_name,
 )
 from twolane.services.validation import ModelLimits, validate_generate
 from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
@@ -91,6 +93,7 @@ class JobWorker:
         config: ack wait, deliveries, backoff, in-flight cap, fault injection.
         worker_id: names this worker in job records and logs.
         tenant_limits: a tenant's limit of concurrent requests (0: none), with auth on.
+        metrics: where claims and endings are counted.
     """
 
     def __init__(
@@ -102,8 +105,10 @@ class JobWorker:
         config: JobsConfig,
         worker_id: str,
         tenant_limits: Callable[[str], int] | None = None,
+        metrics: JobMetrics | None = None,
     ) -> None:
         assert engine.info is not None, "the engine client must be ready"
+        self.metrics = metrics
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.store = store
@@ -308,8 +313,11 @@ class JobWorker:
 
     async def _run(self, msg: Msg, tier: str) -> None:
         """Handle one message; whatever happens, it is acked, nacked or terminated."""
+        parent = tracing.context_from_headers(msg.headers)
         try:
-            await self._handle(msg, tier)
+            with tracing.tracer.start_as_current_span("job.run", context=parent) as span:
+                span.set_attribute("twolane.tier", tier)
+                await self._handle(msg, tier)
         except asyncio.CancelledError:
             # The worker is stopping: hand the job to another worker now.
             with contextlib.suppress(Exception):
@@ -327,6 +335,7 @@ class JobWorker:
             await msg.term()
             return
         job_id = ticket.job_id
+        structlog.contextvars.bind_contextvars(job_id=job_id, tenant=ticket.tenant)
         stored = await self.store.read(job_id)
         if stored is None:
             log.error("job message without a record terminated", job_id=job_id)
@@ -354,7 +363,12 @@ class JobWorker:
             record.attempts += 1
             return True
 
-        stored, claimed = await self.store.transition(job_id, claim, just_read=stored)
+        queued_since_ns = stored.record.created_at.ToNanoseconds()
+        tracing.past_span_wall("job.queued", queued_since_ns, job_id=job_id)
+        if self.metrics is not None:
+            self.metrics.claimed(tier, (time.time_ns() - queued_since_ns) / 1e9)
+        with tracing.tracer.start_as_current_span("job.claim"):
+            stored, claimed = await self.store.transition(job_id, claim, just_read=stored)
         if not claimed:
             if stored.record.state in TERMINAL_STATES:
                 await self._settle_finished(msg, stored.record)
@@ -401,6 +415,7 @@ class JobWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._running.pop(job_id, None)
+        trace_phases(outputs[-1], started_s)
         result = convert.generate_response(job_id, outputs, time.monotonic() - started_s)
         await self._finish(job_id, jobs_pb2.JOB_STATE_SUCCEEDED, "", result)
         await msg.ack()
@@ -495,7 +510,8 @@ class JobWorker:
             just_read = await self.store.read(job_id)
             if just_read is not None and just_read.record.state == jobs_pb2.JOB_STATE_CANCELLED:
                 return
-            await self.store.write_result(job_id, result)
+            with tracing.tracer.start_as_current_span("job.result_write"):
+                await self.store.write_result(job_id, result)
 
         def conclude(record: job_record_pb2.JobRecord) -> bool:
             if record.state in TERMINAL_STATES:
@@ -508,6 +524,12 @@ class JobWorker:
         stored, concluded = await self.store.transition(job_id, conclude, just_read)
         if concluded:
             await self.store.publish_event(stored.record)
+            if self.metrics is not None:
+                record = stored.record
+                run_s = (
+                    record.finished_at.ToNanoseconds() - record.started_at.ToNanoseconds()
+                ) / 1e9
+                self.metrics.finished(tier_name(record.submission.tier), state, run_s)
 
     async def _retry_or_dead_letter(self, msg: Msg, tier: str, job_id: str, reason: str) -> None:
         num_delivered = msg.metadata.num_delivered

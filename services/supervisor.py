@@ -34,6 +34,7 @@ from pathlib import Path
 import structlog
 
 from twolane.services import jobs, nats_auth, options
+from twolane.services.availability import Availability
 from twolane.services.config import (
     ChildConfig,
     EngineCoreProcessConfig,
@@ -45,7 +46,7 @@ from twolane.services.config import (
 from twolane.services.keys import KeyStore
 from twolane.services.metrics_http import MetricsServer, multiprocess_registry
 from twolane.services.nats_embedded import EmbeddedNats, death_signal_hook
-from twolane.services.process import run_process, stop_event
+from twolane.services.process import run_process, stop_event, unless_stopped
 
 log = structlog.get_logger(__name__)
 
@@ -390,12 +391,17 @@ async def serve(config: ServeConfig) -> None:
         metrics_dir = Path(tempfile.mkdtemp(prefix="twolane-metrics-"))
         stack.callback(shutil.rmtree, metrics_dir, True)
         supervisor: Supervisor | None = None
+        nats_availability = Availability()
+
+        def ready() -> bool:
+            return supervisor is not None and supervisor.is_ready() and nats_availability.available
+
         if config.metrics_port >= 0:
             metrics = MetricsServer(
                 config.listen.host,
                 config.metrics_port,
                 multiprocess_registry(str(metrics_dir)),
-                lambda: supervisor is not None and supervisor.is_ready(),
+                ready,
             )
             metrics.start()
             stack.callback(metrics.stop)
@@ -405,6 +411,12 @@ async def serve(config: ServeConfig) -> None:
                 metrics_port=metrics.port,
             )
         nats_url, nats_creds = await start_nats(stack, config, stop)
+        # Fail fast on a NATS that does not answer, before a model loads for minutes; then
+        # watch it, for /readyz.
+        connecting = jobs.connect(
+            stack, nats_url, "twolane-serve", nats_creds, availability=nats_availability
+        )
+        await unless_stopped(connecting, stop)
         ipc_dir = Path(tempfile.mkdtemp(prefix="twolane-ipc-"))
         stack.callback(shutil.rmtree, ipc_dir, True)
         supervisor = Supervisor(config, nats_url, nats_creds, ipc_dir, port, metrics_dir)

@@ -92,3 +92,18 @@ def test_batch_of_50_prompts_against_make_run_writes_50_results(
     assert sorted(r["custom_id"] for r in rows) == sorted(f"line-{i}" for i in range(50))
     assert all(r["error"] is None for r in rows), rows[:3]
     assert all(r["response"]["body"]["usage"]["completion_tokens"] == 8 for r in rows)
+
+
+def test_the_chat_repl_answers_and_keeps_the_conversation(make_run: ServerProcess) -> None:
+    turns = "What is the capital of France?\n/reset\nWhat is the capital of Italy?\n"
+    result = subprocess.run(
+        [TWOLANE, "chat", "--target", make_run.address, "--max-tokens", "24"],
+        input=turns,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout
+    assert "Paris" in replies and "Rome" in replies, replies
+    assert "<|im_end|>" not in replies
