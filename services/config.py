@@ -339,6 +339,11 @@ class WebhookProcessConfig:
     grace_period_s: float = option(
         10.0, "seconds webhook attempts in flight get to finish on SIGTERM", flag="grace-period"
     )
+    model_name: str = option(
+        "",
+        "the served model's name, for the model_name label of the metrics (`twolane serve` "
+        "passes its own)",
+    )
 
     def __post_init__(self) -> None:
         if not self.jobs.nats_url:

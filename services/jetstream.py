@@ -81,6 +81,19 @@ def webhook_subject(job_id: str) -> str:
     return f"twolane.webhooks.{job_id}"
 
 
+@dataclass(frozen=True)
+class DeadLetterCounts:
+    jobs: int  # on twolane.dlq.<tier>
+    webhooks: int  # on twolane.dlq.webhooks
+
+
+async def dead_letter_counts(js: JetStreamContext) -> DeadLetterCounts:
+    """The dead letters of jobs and of webhook deliveries, which share TWOLANE_DLQ."""
+    info = await js.stream_info(DLQ_STREAM, subjects_filter=WEBHOOKS_DLQ_SUBJECT)
+    webhooks = (info.state.subjects or {}).get(WEBHOOKS_DLQ_SUBJECT, 0)
+    return DeadLetterCounts(jobs=info.state.messages - webhooks, webhooks=webhooks)
+
+
 def cancel_subject(job_id: str) -> str:
     return f"{CANCEL_SUBJECT_PREFIX}.{job_id}"
 

@@ -353,7 +353,8 @@ class JobStore:
             raise InvalidArgumentError([FieldViolation("webhook_url", str(exc))]) from exc
 
     async def fill_backlog(self, reply: inference_pb2.GetStatsResponse) -> None:
-        """The queue's figures for GetStats: jobs per tier waiting and running, dead letters.
+        """The queue's figures for GetStats: jobs per tier waiting and running, dead letters
+        of jobs and of webhook deliveries.
 
         Raises:
             UnavailableError: NATS does not answer.
@@ -366,10 +367,11 @@ class JobStore:
                 if lane is not None:
                     queued[lane[0]] += info.num_pending
                     running[lane[0]] += info.num_ack_pending
-            dlq = await self.js.stream_info(jetstream.DLQ_STREAM)
+            dead_letters = await jetstream.dead_letter_counts(self.js)
         for tier in jetstream.TIERS:
             reply.backlog.add(tier=tier, num_queued=queued[tier], num_running=running[tier])
-        reply.num_dead_letters = dlq.state.messages
+        reply.num_dead_letters = dead_letters.jobs
+        reply.num_webhook_dead_letters = dead_letters.webhooks
 
     async def _check_tenant_queue(self, tenant: str) -> None:
         """Refuse a job past the tenant's queue cap: one tenant must not fill the shared

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from twolane.scheduler.config import served_model_name
 from twolane.services import jobs, nats_auth, options
 from twolane.services.availability import Availability
 from twolane.services.config import (
@@ -139,6 +140,8 @@ class Supervisor:
             listen=dataclasses.replace(config.listen, port=self.port),
             jobs=jobs_config,
             security=config.security,
+            # Frontends check webhook URLs at submit by the deliverer's own rules.
+            webhooks=config.webhooks,
             log=config.log,
             child=child,
             api_server_count=config.api_server_count,
@@ -157,6 +160,7 @@ class Supervisor:
             log=config.log,
             child=child,
             grace_period_s=config.listen.grace_period_s,
+            model_name=served_model_name(config.engine.model),
         )
         # The ready fd differs per start: it is appended when the child is spawned.
         skip = frozenset({"ready_fd"})

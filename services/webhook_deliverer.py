@@ -32,7 +32,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 import nats.errors
@@ -42,7 +42,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from twolane.services import jetstream
+from twolane.services import jetstream, tracing
 from twolane.services.config import WebhookConfig
 from twolane.services.job_store import JobStore
 from twolane.services.webhook_hosts import HostGates
@@ -85,6 +85,8 @@ class Outcome:
     result: str
     http_status: int = 0
     error: str = ""
+    # How long the request took; None when none went out.
+    sent_s: float | None = None
 
     @property
     def delivered(self) -> bool:
@@ -191,7 +193,6 @@ class WebhookDeliverer:
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self._subs: list[JetStreamContext.PullSubscription] = []
-        self._watch: asyncio.Task[None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class WebhookDeliverer:
             asyncio.create_task(self._intake_loop(intake), name="twolane-webhook-intake"),
             asyncio.create_task(self._delivery_loop(tickets), name="twolane-webhook-delivery"),
         ]
-        self._watch = asyncio.create_task(self._watch_queues(), name="twolane-webhook-queues")
+        self.metrics.start(self.js)
         log.info(
             "webhook deliverer started",
             retry_schedule=self.config.retry_schedule,
@@ -218,8 +219,7 @@ class WebhookDeliverer:
         self._stopping = True
         self._room.set()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._watch is not None:
-            self._watch.cancel()
+        await self.metrics.stop()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
@@ -280,7 +280,10 @@ class WebhookDeliverer:
                 await msg.ack()
                 return
             record = existing.record
-        await self.deliveries.publish_ticket(record)
+        # In the job's trace (the event carries it): the ticket takes it on to each attempt.
+        parent = tracing.context_from_headers(msg.headers)
+        with tracing.tracer.start_as_current_span("webhook.intake", context=parent):
+            await self.deliveries.publish_ticket(record, tracing.inject())
         await msg.ack()
         log.info("webhook queued", job_id=event.job_id, host=origin_of(url))
 
@@ -381,18 +384,28 @@ class WebhookDeliverer:
         if not started:
             await msg.ack()
             return
-        paused_s, is_probe = self.hosts.admit(origin)
-        if paused_s > 0:
-            outcome = Outcome(
-                "paused",
-                error=f"not sent: {origin} is paused after failing repeatedly (circuit open, "
-                f"next probe in {paused_s:.0f} s)",
-            )
-        else:
-            started_s = time.monotonic()
-            outcome = await self._send(stored.record)
-            self.hosts.record(origin, outcome.host_healthy, is_probe)
-            self.hosts.observe_latency(origin, time.monotonic() - started_s)
+        parent = tracing.context_from_headers(msg.headers)
+        with tracing.tracer.start_as_current_span("webhook.attempt", context=parent) as span:
+            span.set_attribute("twolane.job_id", stored.record.job_id)
+            span.set_attribute("twolane.webhook.host", origin)
+            span.set_attribute("twolane.webhook.attempt", stored.record.status.attempts)
+            paused_s, is_probe = self.hosts.admit(origin)
+            if paused_s > 0:
+                outcome = Outcome(
+                    "paused",
+                    error=f"not sent: {origin} is paused after failing repeatedly (circuit "
+                    f"open, next probe in {paused_s:.0f} s)",
+                )
+            else:
+                started_s = time.monotonic()
+                outcome = await self._send(stored.record)
+                self.hosts.record(origin, outcome.host_healthy, is_probe)
+                self.hosts.observe_latency(origin, time.monotonic() - started_s)
+            span.set_attribute("twolane.webhook.result", outcome.result)
+            if outcome.http_status:
+                span.set_attribute("http.response.status_code", outcome.http_status)
+            if not outcome.delivered:
+                tracing.record_failure(span, outcome.result)
         await self._settle(msg, stored, outcome)
 
     async def _send(self, record: webhook_delivery_pb2.WebhookDelivery) -> Outcome:
@@ -420,12 +433,11 @@ class WebhookDeliverer:
             outcome = Outcome("connect_error", error=f"{type(exc).__name__}: {text}".strip())
         else:
             outcome = _http_outcome(status, body)
-        self.metrics.attempt_s.observe(time.monotonic() - started_s)
-        return outcome
+        return replace(outcome, sent_s=time.monotonic() - started_s)
 
     async def _settle(self, msg: Msg, stored: StoredDelivery, outcome: Outcome) -> None:
         """Record the outcome, then ack (delivered or failed) or nack until the next try."""
-        self.metrics.attempts.labels(outcome.result).inc()
+        self.metrics.attempted(outcome.result, outcome.sent_s)
 
         def conclude(record: webhook_delivery_pb2.WebhookDelivery) -> bool:
             status = record.status
@@ -453,13 +465,13 @@ class WebhookDeliverer:
         }
         if status.state == jobs_pb2.WEBHOOK_STATE_DELIVERED:
             await msg.ack()
-            self.metrics.deliveries.labels("delivered").inc()
+            self.metrics.ended("delivered")
             log.info("webhook delivered", http_status=status.last_http_status, **fields)
         elif status.state == jobs_pb2.WEBHOOK_STATE_FAILED:
             reason = _failure_reason(status)
             await self.deliveries.dead_letter(stored, reason)
             await msg.ack()
-            self.metrics.deliveries.labels("failed").inc()
+            self.metrics.ended("failed")
             log.error("webhook failed; dead-lettered", reason=reason, **fields)
         else:
             retry_in_s = max(0.0, status.next_attempt_at.ToNanoseconds() / 1e9 - time.time())
@@ -500,19 +512,6 @@ class WebhookDeliverer:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-
-    async def _watch_queues(self) -> None:
-        """DLQ depth and backlog for the metrics."""
-        while True:
-            with contextlib.suppress(Exception):
-                dlq = await self.js.stream_info(
-                    jetstream.DLQ_STREAM, subjects_filter=jetstream.WEBHOOKS_DLQ_SUBJECT
-                )
-                subjects = dlq.state.subjects or {}
-                self.metrics.dlq_depth.set(subjects.get(jetstream.WEBHOOKS_DLQ_SUBJECT, 0))
-                tickets = await self.js.stream_info(jetstream.WEBHOOKS_STREAM)
-                self.metrics.backlog.set(tickets.state.messages)
-            await asyncio.sleep(QUEUE_WATCH_S)
 
 
 def _http_outcome(status: int, body: bytes) -> Outcome:

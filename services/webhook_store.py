@@ -15,7 +15,7 @@ until it is redelivered.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import nats.js.errors
@@ -121,13 +121,22 @@ class DeliveryStore:
             return StoredDelivery(record, revision), True
         raise UnavailableError(f"the webhook delivery of job {job_id} changes too often")
 
-    async def publish_ticket(self, record: webhook_delivery_pb2.WebhookDelivery) -> None:
+    async def publish_ticket(
+        self,
+        record: webhook_delivery_pb2.WebhookDelivery,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """The ticket that drives the delivery; `headers` (the trace context) go with it,
+        so every attempt is a span in the job's trace."""
         ticket = webhook_delivery_pb2.WebhookTicket(job_id=record.job_id)
         await self.js.publish(
             jetstream.webhook_subject(record.job_id),
             ticket.SerializeToString(),
             stream=jetstream.WEBHOOKS_STREAM,
-            headers={jetstream.MSG_ID_HEADER: ticket_msg_id(record.job_id, record.round)},
+            headers={
+                **(headers or {}),
+                jetstream.MSG_ID_HEADER: ticket_msg_id(record.job_id, record.round),
+            },
         )
 
     async def ticket_on_stream(self, sequence: int) -> bool:

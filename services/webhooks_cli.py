@@ -22,6 +22,7 @@ from twolane.services import jetstream, jobs, nats_auth, options
 from twolane.services.config import WebhookProcessConfig, default_data_dir, env_default
 from twolane.services.errors import ServiceError
 from twolane.services.keys import check_tenant
+from twolane.services.loop_lag import watch_loop_lag
 from twolane.services.nats_embedded import read_url_file
 from twolane.services.process import run_process, settle_heap, signal_ready, stop_event
 from twolane.services.webhook_deliverer import WebhookDeliverer
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     options.add_options(serve, WebhookProcessConfig)
-    serve.set_defaults(func=serve_main)
+    serve.set_defaults(func=serve_main, runs_server=True)
 
     secret = actions.add_parser(
         "secret",
@@ -116,11 +117,11 @@ async def run_webhooks(config: WebhookProcessConfig) -> None:
     stop = stop_event()
     # Batch-lane bookkeeping, like the job runner's: it yields the CPU to the processes
     # that serve interactive calls (--job-niceness).
-    if config.jobs.niceness:
-        os.nice(config.jobs.niceness)
+    os.nice(config.jobs.niceness)
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(watch_loop_lag("webhooks", config.model_name))
         nc, store = await jobs.start_job_store(
-            stack, config.jobs, jobs.shape_validator, name="twolane-webhooks"
+            stack, config.jobs, jobs.shape_validator, name="twolane-webhooks", stop=stop
         )
         secrets = WebhookSecrets(Path(config.jobs.data_dir))
         try:
@@ -131,7 +132,7 @@ async def run_webhooks(config: WebhookProcessConfig) -> None:
             raise OSError(f"cannot keep webhook secrets in {config.jobs.data_dir}: {exc}") from exc
         deliveries = DeliveryStore(nc.jetstream(), store.buckets.webhooks)
         deliverer = WebhookDeliverer(
-            nc, store, deliveries, secrets, config.webhooks, WebhookMetrics()
+            nc, store, deliveries, secrets, config.webhooks, WebhookMetrics(config.model_name)
         )
         await deliverer.start()
         stack.push_async_callback(deliverer.stop, config.grace_period_s)

@@ -177,3 +177,4 @@ def test_status_shows_the_engine_the_lanes_and_the_backlog(metrics_server: Serve
     for row in ("interactive lane", "batch lane", "KV cache", "backlog urgent", "backlog bulk"):
         assert row in out, out
     assert "dead letters" in out and "queue serving" in out
+    assert "webhook deliveries" in out

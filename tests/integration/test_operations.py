@@ -195,14 +195,15 @@ async def test_jobs_health_and_readyz_follow_a_frozen_nats(tmp_path: Path) -> No
         nats_server.stop()
 
 
-def test_the_job_runner_runs_at_a_lower_cpu_priority() -> None:
+def test_the_job_runner_and_the_webhook_service_run_at_a_lower_cpu_priority() -> None:
     import json
 
     server = start_server("--log-json", "--job-niceness", "7")
     try:
-        for _ in range(300):  # the job runner is started last
+        for _ in range(300):  # the job runner and the webhook service are started last
             entries = [json.loads(line) for line in server.lines if line.startswith("{")]
-            if any(e.get("event") == "job worker started" for e in entries):
+            events = {e.get("event") for e in entries}
+            if {"job worker started", "webhook deliverer started"} <= events:
                 break
             time.sleep(0.1)
         pids = {
@@ -215,6 +216,7 @@ def test_the_job_runner_runs_at_a_lower_cpu_priority() -> None:
             return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
         assert niceness(pids["jobs"]) == niceness(pids["frontend"]) + 7
+        assert niceness(pids["webhooks"]) == niceness(pids["frontend"]) + 7
         assert niceness(pids["engine-core"]) == niceness(pids["frontend"])
     finally:
         server.stop()

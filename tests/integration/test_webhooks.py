@@ -389,11 +389,17 @@ def scrape(hooks: Hooks) -> str:
         return r.read().decode()
 
 
-def sample(text: str, name: str, labels: str = "") -> float:
-    pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.MULTILINE)
-    match = pattern.search(text)
-    assert match, f"{name}{labels} not exported"
-    return float(match.group(1))
+_SAMPLE = re.compile(r"^([a-z_]+)(?:\{(.*)\})? (\S+)$", re.MULTILINE)
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the series `name` with these labels (and model_name="builtin")."""
+    wanted = {**labels, "model_name": "builtin"}
+    for match in _SAMPLE.finditer(text):
+        found = dict(re.findall(r'([a-z_]+)="([^"]*)"', match.group(2) or ""))
+        if match.group(1) == name and found == wanted:
+            return float(match.group(3))
+    raise AssertionError(f"{name}{wanted} not exported")
 
 
 async def test_metrics_count_deliveries_attempts_circuits_and_the_dlq(hooks: Hooks) -> None:
@@ -403,15 +409,15 @@ async def test_metrics_count_deliveries_attempts_circuits_and_the_dlq(hooks: Hoo
     while True:
         text = scrape(hooks)
         settled = "twolane_webhook_circuit_state{" in text and re.search(
-            r"^twolane_webhook_dlq_depth [1-9]", text, re.MULTILINE
+            r"^twolane_webhook_dlq_depth\{[^}]*\} [1-9]", text, re.MULTILINE
         )
         if settled or time.monotonic() > give_up_at:
             break
         await asyncio.sleep(1)
     assert sample(text, "twolane_webhook_dlq_depth") >= 1
-    assert sample(text, "twolane_webhook_deliveries_total", '{outcome="delivered"}') >= 50
-    assert sample(text, "twolane_webhook_deliveries_total", '{outcome="failed"}') >= 2
-    assert sample(text, "twolane_webhook_attempts_total", '{result="http_error"}') >= 4
-    assert sample(text, "twolane_webhook_attempts_total", '{result="refused"}') >= NUM_ATTEMPTS
+    assert sample(text, "twolane_webhook_deliveries_total", outcome="delivered") >= 50
+    assert sample(text, "twolane_webhook_deliveries_total", outcome="failed") >= 2
+    assert sample(text, "twolane_webhook_attempts_total", result="http_error") >= 4
+    assert sample(text, "twolane_webhook_attempts_total", result="refused") >= NUM_ATTEMPTS
     assert sample(text, "twolane_webhook_attempt_seconds_count") >= 50
     assert "twolane_webhook_circuit_state{" in text
