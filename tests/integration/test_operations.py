@@ -157,7 +157,8 @@ async def test_jobs_health_and_readyz_follow_a_frozen_nats(tmp_path: Path) -> No
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             assert await health_of(channel, JOBS) == health_pb2.HealthCheckResponse.SERVING
-            for _ in range(100):  # ready once the job runner, started last, is up too
+            # Ready once the job runner and the webhook service, started last, are up too.
+            for _ in range(600):
                 if readyz(ready_url) == 200:
                     break
                 await asyncio.sleep(0.1)
