@@ -228,6 +228,62 @@ def test_each_tenant_has_its_own_secret_kept_private(hooks: Hooks) -> None:
     assert (hooks.data_dir / "webhook-secrets.json").stat().st_mode & 0o777 == 0o600
 
 
+def cli(hooks: Hooks, *args: str, tenant: str = "alpha") -> str:
+    """A `twolane` job command against the server as `tenant`; its stdout."""
+    out = subprocess.run(
+        [TWOLANE, *args, "--target", hooks.server.address, "--api-key", hooks.keys[tenant]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+async def test_submit_and_batch_on_the_command_line_take_a_webhook_url(
+    hooks: Hooks, receiver: Receiver, tmp_path: Path
+) -> None:
+    job_id = cli(hooks, "submit", "from the shell", "--webhook-url", receiver.url()).strip()
+    lines = [json.dumps({"custom_id": f"row-{i}", "body": {"prompt": f"p{i}"}}) for i in range(3)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    cli(
+        hooks,
+        "batch",
+        str(tmp_path / "in.jsonl"),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--max-tokens",
+        "2",
+        "--webhook-url",
+        receiver.url(path="/batch"),
+    )
+    await receiver.wait_for(4)
+    hook = Webhook(hooks.secret("alpha"))
+    events = [hook.verify(d.body, d.headers) for d in receiver.deliveries]
+    assert {e["data"]["job_id"] for e in events} >= {job_id}
+    assert sorted(e["data"].get("custom_id", "") for e in events) == ["", "row-0", "row-1", "row-2"]
+
+
+async def test_after_a_rotation_deliveries_verify_with_the_old_and_the_new_secret(
+    hooks: Hooks, stub: inference_pb2_grpc.InferenceServiceStub, receiver: Receiver
+) -> None:
+    old = hooks.secret("beta")
+    out = subprocess.run(
+        [TWOLANE, "webhooks", "rotate", "--data-dir", str(hooks.data_dir), "--tenant", "beta"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    new = out.stdout.strip()
+    assert new.startswith("whsec_") and new != old and hooks.secret("beta") == new
+    job_id = await submit(stub, hooks, receiver.url(), prompt="rotated", tenant="beta")
+    await wait_webhook(stub, hooks, job_id, DELIVERED, tenant="beta")
+    delivery = receiver.deliveries[0]
+    assert len(delivery.headers["webhook-signature"].split()) == 2
+    for secret in (old, new):  # receivers switch whenever they like
+        assert Webhook(secret).verify(delivery.body, delivery.headers)["data"]["job_id"] == job_id
+
+
 async def test_a_receiver_failing_twice_gets_three_attempts_with_growing_gaps(
     hooks: Hooks, stub: inference_pb2_grpc.InferenceServiceStub
 ) -> None:
