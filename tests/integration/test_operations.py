@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -44,24 +45,35 @@ def closed_port_url() -> str:
     return f"nats://127.0.0.1:{free_port()}"
 
 
-@pytest.fixture
-def silent_nats() -> Iterator[str]:
+@dataclass
+class SilentNats:
     """A port that accepts connections and never says a word (a NATS that hangs)."""
+
+    url: str
+    connected: threading.Event  # someone connected
+
+
+@pytest.fixture
+def silent_nats() -> Iterator[SilentNats]:
     listener = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
     stop = threading.Event()
+    connected = threading.Event()
 
     def accept() -> None:
         listener.settimeout(0.2)
         while not stop.is_set():
             try:
                 held.append(listener.accept()[0])
+                connected.set()
             except TimeoutError:
                 continue
 
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"nats://127.0.0.1:{listener.getsockname()[1]}"
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    yield SilentNats(f"nats://127.0.0.1:{listener.getsockname()[1]}", connected)
     stop.set()
+    acceptor.join()  # before the listener closes under its accept()
     for conn in held:
         conn.close()
     listener.close()
@@ -90,14 +102,17 @@ def test_serve_on_an_unreachable_nats_fails_at_once_and_says_which() -> None:
     assert "listening" not in result.stderr
 
 
-def test_a_gateway_waiting_for_nats_stops_on_sigterm(silent_nats: str) -> None:
+def test_a_gateway_waiting_for_nats_stops_on_sigterm(silent_nats: SilentNats) -> None:
     proc = subprocess.Popen(
-        [TWOLANE, "gateway", "--port", "0", "--nats-url", silent_nats],
+        [TWOLANE, "gateway", "--port", "0", "--nats-url", silent_nats.url],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(1.5)  # waiting on the silent NATS, well within its connect timeout
+    # Waiting on the silent NATS (well within its connect timeout): not still importing,
+    # which on a busy machine can take longer than any fixed sleep.
+    assert silent_nats.connected.wait(60)
+    time.sleep(0.2)
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=30)

@@ -32,7 +32,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from twolane.services import nats_auth
 from twolane.services.keys import KeysFile, Limits
 from twolane.services.webhook_urls import HOSTS_FILE_ENV
-from twolane.v1 import inference_pb2_grpc, jobs_pb2, webhook_delivery_pb2
+from twolane.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, webhook_delivery_pb2
 
 from .nats_fixtures import job_request, wait_for_states
 from .serving import TWOLANE, ServerProcess, start_server
@@ -477,3 +477,11 @@ async def test_metrics_count_deliveries_attempts_circuits_and_the_dlq(hooks: Hoo
     assert sample(text, "twolane_webhook_attempts_total", result="refused") >= NUM_ATTEMPTS
     assert sample(text, "twolane_webhook_attempt_seconds_count") >= 50
     assert "twolane_webhook_circuit_state{" in text
+    # Failed deliveries share TWOLANE_DLQ with failed jobs, yet count apart (no job failed).
+    assert sample(text, "twolane_jobs_dead_letters") == 0
+    async with grpc.aio.insecure_channel(hooks.server.address) as channel:
+        stats = await inference_pb2_grpc.InferenceServiceStub(channel).GetStats(
+            inference_pb2.GetStatsRequest(), metadata=as_tenant(hooks)
+        )
+    assert stats.num_dead_letters == 0
+    assert stats.num_webhook_dead_letters >= 1
