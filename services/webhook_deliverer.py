@@ -71,7 +71,6 @@ FETCH_TIMEOUT_S = 1.0
 # failing to be taken in, later and later).
 BOOKKEEPING_RETRY_S = 1.0
 MAX_INTAKE_RETRY_S = 60.0
-QUEUE_WATCH_S = 5.0
 ERROR_SNIPPET_CHARS = 200
 # Deliveries not yet due by less than this go now.
 DUE_SLACK_S = 0.01

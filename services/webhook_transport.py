@@ -85,7 +85,7 @@ def checked_client(policy: UrlPolicy, timeout_s: float, ca_file: str = "") -> ht
     context = ssl_context(ca_file)
     transport = httpx.AsyncHTTPTransport(verify=context, http1=True, http2=True, trust_env=False)
     # httpx takes no network backend, so its pool is replaced by one with the same
-    # settings and ours (tests/unit/test_webhook_transport.py checks that it is used).
+    # settings and ours (tests/integration/test_webhook_transport.py checks that it is used).
     transport._pool = httpcore.AsyncConnectionPool(
         ssl_context=context,
         max_connections=MAX_CONNECTIONS,
