@@ -131,6 +131,7 @@ async def connect(
         else:
             log.warning("nats error", url=url, error=repr(exc))
 
+    log.info("connecting to nats", url=url, name=name, timeout_s=timeout_s)
     try:
         nc = await asyncio.wait_for(
             nats.connect(

@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -45,33 +44,24 @@ def closed_port_url() -> str:
     return f"nats://127.0.0.1:{free_port()}"
 
 
-@dataclass
-class SilentNats:
-    """A port that accepts connections and never says a word (a NATS that hangs)."""
-
-    url: str
-    connected: threading.Event  # someone connected
-
-
 @pytest.fixture
-def silent_nats() -> Iterator[SilentNats]:
+def silent_nats() -> Iterator[str]:
+    """A port that accepts connections and never says a word (a NATS that hangs)."""
     listener = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
     stop = threading.Event()
-    connected = threading.Event()
 
     def accept() -> None:
         listener.settimeout(0.2)
         while not stop.is_set():
             try:
                 held.append(listener.accept()[0])
-                connected.set()
             except TimeoutError:
                 continue
 
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
-    yield SilentNats(f"nats://127.0.0.1:{listener.getsockname()[1]}", connected)
+    yield f"nats://127.0.0.1:{listener.getsockname()[1]}"
     stop.set()
     acceptor.join()  # before the listener closes under its accept()
     for conn in held:
@@ -102,22 +92,30 @@ def test_serve_on_an_unreachable_nats_fails_at_once_and_says_which() -> None:
     assert "listening" not in result.stderr
 
 
-def test_a_gateway_waiting_for_nats_stops_on_sigterm(silent_nats: SilentNats) -> None:
+def test_a_gateway_waiting_for_nats_stops_on_sigterm(silent_nats: str) -> None:
     proc = subprocess.Popen(
-        [TWOLANE, "gateway", "--port", "0", "--nats-url", silent_nats.url],
+        [TWOLANE, "gateway", "--port", "0", "--nats-url", silent_nats],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    # Waiting on the silent NATS (well within its connect timeout): not still importing,
-    # which on a busy machine can take longer than any fixed sleep.
-    assert silent_nats.connected.wait(60)
-    time.sleep(0.2)
+    # Its signal handlers are in place before it connects; SIGTERM it while it waits on
+    # the silent NATS, well within its connect timeout.
+    killer = threading.Timer(60, proc.kill)  # never hang the suite on a gateway gone wrong
+    killer.start()
+    assert proc.stdout is not None
+    early: list[str] = []
+    for line in iter(proc.stdout.readline, ""):
+        early.append(line)
+        if "connecting to nats" in line:
+            break
+    killer.cancel()
+    assert "connecting to nats" in early[-1], "".join(early)
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
-    assert "stopped before it was ready" in output
+    assert "stopped before it was ready" in "".join(early) + output
 
 
 @pytest.mark.parametrize(
