@@ -159,6 +159,7 @@ class AsyncClient:
         idempotency_key: str | None = None,
         custom_id: str = "",
         job_deadline_s: float | None = None,
+        webhook_url: str = "",
         request_id: str | None = None,
         timeout_s: float | None = None,
         **sampling: Unpack[Sampling],
@@ -168,7 +169,8 @@ class AsyncClient:
         Without `idempotency_key` the client makes one, so that its own retries never
         queue a second job; pass your own to make resubmitting (after a crash, say)
         return the first job. A SubmitJobRequest is sent as it is (with a key added when
-        it has none).
+        it has none). With `webhook_url` the server POSTs the job's completion event
+        there, signed, when the job ends (README, "Webhooks").
         """
         if isinstance(prompt, jobs_pb2.SubmitJobRequest):
             if messages is not None or sampling:
@@ -181,7 +183,7 @@ class AsyncClient:
         else:
             request = requests.generate_request(prompt, messages, sampling)
             submission = requests.submit_request(
-                request, tier, idempotency_key, custom_id, job_deadline_s
+                request, tier, idempotency_key, custom_id, job_deadline_s, webhook_url
             )
         return await self._unary(
             "SubmitJob", lambda stub: stub.SubmitJob, submission, request_id, timeout_s
@@ -236,6 +238,7 @@ class AsyncClient:
         idempotency_key: str | None = None,
         custom_id: str = "",
         job_deadline_s: float | None = None,
+        webhook_url: str = "",
         timeout_s: float | None = None,
         **sampling: Unpack[Sampling],
     ) -> jobs_pb2.GetResultResponse:
@@ -247,6 +250,7 @@ class AsyncClient:
             idempotency_key=idempotency_key,
             custom_id=custom_id,
             job_deadline_s=job_deadline_s,
+            webhook_url=webhook_url,
             **sampling,
         )
         return await self.wait(submitted.job_id, timeout_s)

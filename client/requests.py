@@ -89,9 +89,10 @@ def submit_request(
     idempotency_key: str | None,
     custom_id: str,
     job_deadline_s: float | None,
+    webhook_url: str = "",
 ) -> jobs_pb2.SubmitJobRequest:
     """A SubmitJobRequest that always has an idempotency key: a retry of it can never
-    queue a second job."""
+    queue a second job. With `webhook_url`, the completion event is POSTed there."""
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {sorted(TIERS)}, got {tier!r}")
     submit = jobs_pb2.SubmitJobRequest(
@@ -99,6 +100,7 @@ def submit_request(
         tier=TIERS[tier],
         idempotency_key=idempotency_key or new_idempotency_key(),
         custom_id=custom_id,
+        webhook_url=webhook_url,
     )
     if job_deadline_s is not None:
         submit.deadline.FromNanoseconds(time.time_ns() + int(job_deadline_s * 1e9))

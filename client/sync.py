@@ -187,6 +187,7 @@ class Client:
         idempotency_key: str | None = None,
         custom_id: str = "",
         job_deadline_s: float | None = None,
+        webhook_url: str = "",
         request_id: str | None = None,
         timeout_s: float | None = None,
         **sampling: Unpack[Sampling],
@@ -200,6 +201,7 @@ class Client:
                 idempotency_key=idempotency_key,
                 custom_id=custom_id,
                 job_deadline_s=job_deadline_s,
+                webhook_url=webhook_url,
                 request_id=request_id,
                 timeout_s=timeout_s,
                 **sampling,
@@ -234,6 +236,7 @@ class Client:
         idempotency_key: str | None = None,
         custom_id: str = "",
         job_deadline_s: float | None = None,
+        webhook_url: str = "",
         timeout_s: float | None = None,
         **sampling: Unpack[Sampling],
     ) -> jobs_pb2.GetResultResponse:
@@ -245,6 +248,7 @@ class Client:
                 idempotency_key=idempotency_key,
                 custom_id=custom_id,
                 job_deadline_s=job_deadline_s,
+                webhook_url=webhook_url,
                 timeout_s=timeout_s,
                 **sampling,
             )

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "twolane.services.job_runner",
     "twolane.services.keys_cli",
     "twolane.services.status_cli",
+    "twolane.services.webhooks_cli",
 )
 
 
@@ -32,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that run as servers configure their own logging from their flags.
+# Commands that run as servers configure their own logging from their flags (as does
+# any subcommand that sets `runs_server`, such as `twolane webhooks serve`).
 SERVER_COMMANDS = frozenset({"serve", "worker", "gateway", "frontend", "engine-core", "jobs"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in SERVER_COMMANDS:
+    if args.command not in SERVER_COMMANDS and not getattr(args, "runs_server", False):
         # A command run by hand says what went wrong in its own words; library chatter
         # (a retried connection, say) stays out of its output.
         from twolane.services.logging import configure_logging

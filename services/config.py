@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,90 @@ class JobsConfig:
             raise ValueError(f"niceness must be in [0, 19], got {self.niceness}")
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
+_DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """`5s,30s,2m,1h` (units ms, s, m, h; a bare number is seconds) as seconds.
+
+    Raises:
+        ValueError: an entry is not a positive duration, or there is none.
+    """
+    delays_s = []
+    for entry in (item.strip() for item in text.split(",")):
+        match = _DURATION.fullmatch(entry)
+        if not match or float(match.group(1)) <= 0:
+            raise ValueError(f"webhook retry schedule: {entry!r} is not a positive duration")
+        delays_s.append(float(match.group(1)) * _DURATION_UNITS_S[match.group(2)])
+    return tuple(delays_s)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """Webhook delivery: the retry schedule, and which URLs may be called (see README,
+    "Webhooks"). Frontends check URLs at submit with the same rules the deliverer
+    checks again at connect time."""
+
+    retry_schedule: str = option(
+        "5s,30s,2m,10m,30m,1h,3h",
+        "delays before each retry of a webhook delivery (units ms, s, m, h), each drawn "
+        "between half the step and the step; after the last the delivery fails",
+        flag="webhook-retry-schedule",
+    )
+    timeout_s: float = option(
+        10.0, "seconds one webhook attempt may take", flag="webhook-timeout-s"
+    )
+    allow_http: bool = option(
+        False, "allow plain http webhook URLs (off: https only)", flag="webhook-allow-http"
+    )
+    allow_private: bool = option(
+        False,
+        "allow webhook URLs whose host resolves to a loopback, private, link-local, CGNAT, "
+        "multicast or unspecified address",
+        flag="webhook-allow-private",
+    )
+    allow_hosts: str = option(
+        "",
+        "comma-separated hosts (names, IP addresses or *.suffix) whose webhook URLs may "
+        "resolve to such addresses",
+        flag="webhook-allow-hosts",
+    )
+    max_per_host: int = option(
+        8, "webhook requests in flight to one host at once", flag="webhook-max-per-host"
+    )
+    ack_wait_s: float = option(
+        30.0,
+        "seconds before a delivery held by a webhook process that died is taken up again",
+        flag="webhook-ack-wait-s",
+    )
+    ca_file: str = option(
+        "",
+        "PEM CA bundle receivers' certificates are checked against (default: certifi's)",
+        flag="webhook-ca-file",
+    )
+
+    def __post_init__(self) -> None:
+        parse_schedule(self.retry_schedule)
+        if self.timeout_s <= 0:
+            raise ValueError(f"webhook timeout_s must be positive, got {self.timeout_s}")
+        if self.max_per_host < 1:
+            raise ValueError(f"webhook max_per_host must be >= 1, got {self.max_per_host}")
+        if self.ack_wait_s < 1.0:
+            raise ValueError(f"webhook ack_wait_s must be at least 1 second, got {self.ack_wait_s}")
+        if self.ca_file and not Path(self.ca_file).is_file():
+            raise ValueError(f"--webhook-ca-file: no such file: {self.ca_file}")
+
+    @property
+    def schedule_s(self) -> tuple[float, ...]:
+        return parse_schedule(self.retry_schedule)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The allow-listed hosts, lower case."""
+        return tuple(h.strip().lower() for h in self.allow_hosts.split(",") if h.strip())
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     """Where a gRPC front listens, and how it stops."""
@@ -216,6 +301,7 @@ class FrontendProcessConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     log: LogConfig = field(default_factory=LogConfig)
     child: ChildConfig = field(default_factory=ChildConfig)
     api_server_count: int = option(
@@ -336,6 +422,28 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class WebhookProcessConfig:
+    """`twolane webhooks serve`: delivers completion events to the jobs' webhook URLs."""
+
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    child: ChildConfig = field(default_factory=ChildConfig)
+    grace_period_s: float = option(
+        10.0, "seconds webhook attempts in flight get to finish on SIGTERM", flag="grace-period"
+    )
+    model_name: str = option(
+        "",
+        "the served model's name, for the model_name label of the metrics (`twolane serve` "
+        "passes its own)",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.jobs.nats_url:
+            raise ValueError("webhooks serve needs --nats-url")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """`twolane serve` (and `twolane worker`): the supervisor of every process."""
 
@@ -343,6 +451,7 @@ class ServeConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics_port: int = option(
         -1, "Prometheus metrics over HTTP on this port; -1 off, 0 a free port (logged)"

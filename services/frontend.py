@@ -284,6 +284,7 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
             stop=stop,
             availability=nats_availability,
             tenant_max_queued=config.jobs.tenant_max_queued_jobs if keys else None,
+            webhooks=config.webhooks,
         )
         audit = AuditLog(security.audit_path(config.jobs.data_dir))
         stack.callback(audit.close)

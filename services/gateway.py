@@ -37,6 +37,7 @@ from twolane.services.config import (
     LogConfig,
     RoutingConfig,
     SecurityConfig,
+    WebhookConfig,
 )
 from twolane.services.errors import NotConfiguredError, UnavailableError
 from twolane.services.grpc_server import start_grpc_server
@@ -87,6 +88,7 @@ class GatewayConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics_port: int = option(
         -1, "Prometheus metrics over HTTP on this port; -1 off, 0 a free port (logged)"
@@ -122,6 +124,7 @@ async def run_gateway(config: GatewayConfig) -> None:
             name="twolane-gateway",
             stop=stop,
             availability=nats_availability,
+            webhooks=config.webhooks,
         )
         pool = WorkerPool.static(config.workers)
         stack.push_async_callback(pool.close)

@@ -15,9 +15,11 @@ Streams and buckets have `--nats-replicas` replicas (1 by default, 3 on a cluste
 - TWOLANE_RESULTS (stream, `twolane.results.>`): completion events, limits
   retention, file, max_age = result TTL, duplicate window min(1 h, TTL).
 - TWOLANE_DLQ (stream, `twolane.dlq.>`): dead letters, max_age = job TTL.
+- TWOLANE_WEBHOOKS (stream, `twolane.webhooks.>`): one ticket per webhook delivery
+  in progress, work-queue retention, max_age = job TTL (see webhook_deliverer.py).
 - KV twolane_jobs (job id -> JobRecord), twolane_results (job id -> result),
-  twolane_idempotency (hash of tenant and key -> job id): history 1, file,
-  TTL = job TTL, result TTL and job TTL.
+  twolane_idempotency (hash of tenant and key -> job id), twolane_webhooks (job id
+  -> WebhookDelivery): history 1, file, TTL = job TTL, result TTL, job TTL, job TTL.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ DLQ_STREAM = "TWOLANE_DLQ"
 JOBS_BUCKET = "twolane_jobs"
 RESULTS_BUCKET = "twolane_results"
 IDEMPOTENCY_BUCKET = "twolane_idempotency"
+WEBHOOKS_STREAM = "TWOLANE_WEBHOOKS"
+WEBHOOKS_BUCKET = "twolane_webhooks"
+WEBHOOKS_DLQ_SUBJECT = "twolane.dlq.webhooks"
 
 TIERS = ("urgent", "standard", "bulk")  # the order workers pull in
 DEFAULT_TENANT = "default"
@@ -74,6 +79,23 @@ def dlq_subject(tier: str) -> str:
     return f"twolane.dlq.{tier}"
 
 
+def webhook_subject(job_id: str) -> str:
+    return f"twolane.webhooks.{job_id}"
+
+
+@dataclass(frozen=True)
+class DeadLetterCounts:
+    jobs: int  # on twolane.dlq.<tier>
+    webhooks: int  # on twolane.dlq.webhooks
+
+
+async def dead_letter_counts(js: JetStreamContext) -> DeadLetterCounts:
+    """The dead letters of jobs and of webhook deliveries, which share TWOLANE_DLQ."""
+    info = await js.stream_info(DLQ_STREAM, subjects_filter=WEBHOOKS_DLQ_SUBJECT)
+    webhooks = (info.state.subjects or {}).get(WEBHOOKS_DLQ_SUBJECT, 0)
+    return DeadLetterCounts(jobs=info.state.messages - webhooks, webhooks=webhooks)
+
+
 def cancel_subject(job_id: str) -> str:
     return f"{CANCEL_SUBJECT_PREFIX}.{job_id}"
 
@@ -103,6 +125,7 @@ class Buckets:
     jobs: KeyValue
     results: KeyValue
     idempotency: KeyValue
+    webhooks: KeyValue
 
 
 def streams(config: JobsConfig) -> list[api.StreamConfig]:
@@ -142,6 +165,17 @@ def streams(config: JobsConfig) -> list[api.StreamConfig]:
             max_age=config.record_ttl_s,
             duplicate_window=JOBS_DUPLICATE_WINDOW_S,
             num_replicas=config.nats_replicas,
+        ),
+        api.StreamConfig(
+            name=WEBHOOKS_STREAM,
+            description="webhook deliveries in progress, one ticket per delivery",
+            subjects=["twolane.webhooks.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_age=config.record_ttl_s,
+            duplicate_window=JOBS_DUPLICATE_WINDOW_S,
+            num_replicas=1,
         ),
     ]
 
@@ -206,6 +240,7 @@ async def ensure_layout(js: JetStreamContext, config: JobsConfig) -> Buckets:
         (JOBS_BUCKET, config.record_ttl_s, "job records by job id"),
         (RESULTS_BUCKET, config.result_ttl_s, "job results by job id"),
         (IDEMPOTENCY_BUCKET, config.record_ttl_s, "job ids by tenant and idempotency key"),
+        (WEBHOOKS_BUCKET, config.record_ttl_s, "webhook deliveries by job id"),
     )
     for name, ttl_s, description in layout:
         await ensure_stream(js, bucket(name, ttl_s, description, config.nats_replicas))
@@ -213,4 +248,5 @@ async def ensure_layout(js: JetStreamContext, config: JobsConfig) -> Buckets:
         jobs=await js.key_value(JOBS_BUCKET),
         results=await js.key_value(RESULTS_BUCKET),
         idempotency=await js.key_value(IDEMPOTENCY_BUCKET),
+        webhooks=await js.key_value(WEBHOOKS_BUCKET),
     )

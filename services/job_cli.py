@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--idempotency-key", default="")
     submit.add_argument("--custom-id", default="")
     submit.add_argument("--deadline", type=float, default=None, help="seconds from now")
+    _add_webhook_url(submit)
     _add_target(submit)
     submit.set_defaults(func=submit_main)
 
@@ -95,8 +96,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=BATCH_CONCURRENCY,
         help="most jobs submitted and not yet finished at once",
     )
+    _add_webhook_url(batch)
     _add_target(batch)
     batch.set_defaults(func=batch_main)
+
+
+def _add_webhook_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--webhook-url",
+        default="",
+        help="POST each job's completion event here, signed (see `twolane webhooks secret`)",
+    )
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +135,7 @@ def submit_main(args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key or None,
             custom_id=args.custom_id,
             job_deadline_s=args.deadline,
+            webhook_url=args.webhook_url,
             **sampling,
         ),
     )
@@ -251,6 +262,7 @@ def batch_main(args: argparse.Namespace) -> int:
     batch_key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
     for custom_id, request in requests:
         request.idempotency_key = f"batch-{batch_key}-{custom_id}"
+        request.webhook_url = args.webhook_url
     try:
         # Polling, not completion events: a command run by hand may not reach (or be
         # allowed on) the server's NATS, and a poll with backoff needs nothing more.

@@ -41,7 +41,7 @@ ACK_PENDING = Gauge(
 )
 DEAD_LETTERS = Gauge(
     "twolane_jobs_dead_letters",
-    "Jobs on the dead-letter stream (TWOLANE_DLQ).",
+    "Jobs on the dead-letter stream (TWOLANE_DLQ; webhook deliveries not counted).",
     ["model_name"],
     multiprocess_mode=_MODE,
 )
@@ -119,8 +119,8 @@ class JobMetrics:
         for tier in jetstream.TIERS:
             PENDING.labels(tier, self.model_name).set(pending[tier])
             ACK_PENDING.labels(tier, self.model_name).set(ack_pending[tier])
-        dlq = await self._js.stream_info(jetstream.DLQ_STREAM)
-        DEAD_LETTERS.labels(self.model_name).set(dlq.state.messages)
+        dead_letters = await jetstream.dead_letter_counts(self._js)
+        DEAD_LETTERS.labels(self.model_name).set(dead_letters.jobs)
         OLDEST_QUEUED_AGE_S.labels(self.model_name).set(await self._oldest_age_s())
 
     async def _oldest_age_s(self) -> float:

@@ -36,6 +36,8 @@ from twolane.services.errors import (
 )
 from twolane.services.jetstream import DEFAULT_TENANT, Buckets
 from twolane.services.validation import check_times
+from twolane.services.webhook_store import webhook_status
+from twolane.services.webhook_urls import RefusedUrlError, UrlPolicy
 from twolane.v1 import generate_pb2, inference_pb2, job_record_pb2, jobs_pb2
 
 log = structlog.get_logger(__name__)
@@ -110,6 +112,8 @@ class JobStore:
         validate: checks a job's request before it is queued; raises
             InvalidArgumentError. The gateway of a split deployment has no model,
             so it checks the message's shape only and the worker does the rest.
+        webhook_policy: which webhook URLs submissions may carry (default: https to
+            public addresses only).
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class JobStore:
         config: JobsConfig | None = None,
         tenant_max_queued: int | None = None,
         availability: Availability | None = None,
+        webhook_policy: UrlPolicy | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -130,6 +135,7 @@ class JobStore:
         self._tenant_max_queued = tenant_max_queued
         self._tenants_with_consumers = {DEFAULT_TENANT}
         self._availability = availability
+        self._webhook_policy = webhook_policy or UrlPolicy()
 
     # ---- the JobService API ----------------------------------------------------
 
@@ -137,6 +143,7 @@ class JobStore:
         self, request: jobs_pb2.SubmitJobRequest, tenant: str = DEFAULT_TENANT
     ) -> jobs_pb2.SubmitJobResponse:
         self._check_submission(request)
+        await self._check_webhook_url(request.webhook_url)
         if not request.tier:
             request = _with_tier(request, jobs_pb2.JOB_TIER_STANDARD)
         with tracing.tracer.start_as_current_span("job.submit"):
@@ -188,6 +195,10 @@ class JobStore:
                     response.error = "the result has expired"
                 else:
                     response.result.CopyFrom(result)
+            if record.submission.webhook_url:
+                response.webhook.CopyFrom(
+                    await webhook_status(self.buckets.webhooks, record.job_id)
+                )
             return response
 
     async def cancel_job(
@@ -340,8 +351,19 @@ class JobStore:
         if violations:
             raise InvalidArgumentError(violations)
 
+    async def _check_webhook_url(self, url: str) -> None:
+        """The SSRF rules, before anything is queued (the deliverer checks again when it
+        connects)."""
+        if not url:
+            return
+        try:
+            await self._webhook_policy.check(url)
+        except RefusedUrlError as exc:
+            raise InvalidArgumentError([FieldViolation("webhook_url", str(exc))]) from exc
+
     async def fill_backlog(self, reply: inference_pb2.GetStatsResponse) -> None:
-        """The queue's figures for GetStats: jobs per tier waiting and running, dead letters.
+        """The queue's figures for GetStats: jobs per tier waiting and running, dead letters
+        of jobs and of webhook deliveries.
 
         Raises:
             UnavailableError: NATS does not answer.
@@ -354,10 +376,11 @@ class JobStore:
                 if lane is not None:
                     queued[lane[0]] += info.num_pending
                     running[lane[0]] += info.num_ack_pending
-            dlq = await self.js.stream_info(jetstream.DLQ_STREAM)
+            dead_letters = await jetstream.dead_letter_counts(self.js)
         for tier in jetstream.TIERS:
             reply.backlog.add(tier=tier, num_queued=queued[tier], num_running=running[tier])
-        reply.num_dead_letters = dlq.state.messages
+        reply.num_dead_letters = dead_letters.jobs
+        reply.num_webhook_dead_letters = dead_letters.webhooks
 
     async def _check_tenant_queue(self, tenant: str) -> None:
         """Refuse a job past the tenant's queue cap: one tenant must not fill the shared

@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 
 from twolane.services import jetstream
 from twolane.services.availability import Availability
-from twolane.services.config import JobsConfig
+from twolane.services.config import JobsConfig, WebhookConfig
 from twolane.services.jetstream import DEFAULT_TENANT
 from twolane.services.job_store import JobStore, Validator
 from twolane.services.nats_auth import read_credentials
@@ -22,6 +22,7 @@ from twolane.services.nats_embedded import EmbeddedNats
 from twolane.services.process import unless_stopped
 from twolane.services.prompts import ShapeOnly
 from twolane.services.validation import ModelLimits, validate_generate
+from twolane.services.webhook_urls import UrlPolicy
 from twolane.services.worker_slot import WorkerSlot
 from twolane.v1 import generate_pb2, inference_pb2, jobs_pb2
 
@@ -192,11 +193,13 @@ async def start_job_store(
     tenant_max_queued: int | None = None,
     stop: asyncio.Event | None = None,
     availability: Availability | None = None,
+    webhooks: WebhookConfig | None = None,
 ) -> tuple[NATS, JobStore]:
     """Connect to NATS, lay out the streams and buckets, and return the store.
 
     `tenant_max_queued` caps each tenant's queued jobs (with auth on); `stop` set while
-    connecting ends the wait (StopBeforeReady)."""
+    connecting ends the wait (StopBeforeReady); `webhooks` says which webhook URLs
+    submissions may carry (default: https to public addresses)."""
     url = await start_nats(stack, config)
     connecting = connect(stack, url, name, config.nats_creds, availability=availability)
     nc = await (unless_stopped(connecting, stop) if stop is not None else connecting)
@@ -205,7 +208,8 @@ async def start_job_store(
     except Exception as exc:
         raise OSError(f"cannot set up JetStream at {url}: {exc}") from exc
     log.info("job queue ready", nats_url=url, stream=jetstream.JOBS_STREAM)
-    return nc, JobStore(nc, buckets, validate, config, tenant_max_queued, availability)
+    policy = UrlPolicy.from_config(webhooks) if webhooks is not None else None
+    return nc, JobStore(nc, buckets, validate, config, tenant_max_queued, availability, policy)
 
 
 async def start_job_worker(

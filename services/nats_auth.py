@@ -39,6 +39,11 @@ def auth_dir(data_dir: Path) -> Path:
     return data_dir / AUTH_DIR_NAME
 
 
+def service_creds_path(data_dir: Path) -> Path:
+    """The services' credentials file, written when `twolane serve` starts with auth on."""
+    return auth_dir(data_dir) / _SERVICE_CREDS_FILE
+
+
 def _secret(data_dir: Path, create: bool) -> bytes:
     path = auth_dir(data_dir) / _SECRET_FILE
     if not path.is_file():

@@ -86,5 +86,8 @@ def render(target: str, stats: inference_pb2.GetStatsResponse, health: dict[str,
         table.add_row(
             f"backlog {tier.tier}", f"{tier.num_queued} queued, {tier.num_running} running"
         )
-    table.add_row("dead letters", str(stats.num_dead_letters))
+    table.add_row(
+        "dead letters",
+        f"{stats.num_dead_letters} jobs, {stats.num_webhook_dead_letters} webhook deliveries",
+    )
     return table

@@ -6,10 +6,13 @@ It starts nats-server (unless `--nats-url`), then the children, each as
     engine-core     the scheduler, KV cache and model, in a loop of their own
     frontend (xN)   the gRPC API on one shared port, tokenizing and streaming
     jobs            the JetStream consumer feeding the engine core batch work
+    webhooks        `twolane webhooks serve`: POSTs completion events to webhook URLs
 
 A child that dies is noticed at once and started again, with backoff. On SIGTERM the
 children stop in order: frontends (draining their calls), the job runner (finishing
-or giving back its jobs), the engine core, and last nats-server.
+or giving back its jobs), the webhook service (finishing its attempts in flight), the
+engine core, and last nats-server. The webhook service always runs: a job submitted
+with a webhook_url is never left undelivered because nobody was there to deliver it.
 
 A worker's supervisor also announces the worker to the gateways and relays its
 engine's prefix-cache events (services/membership.py): on SIGTERM it says "draining"
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import structlog
 
+from twolane.scheduler.config import served_model_name
 from twolane.services import jobs, nats_auth, options
 from twolane.services.availability import Availability
 from twolane.services.config import (
@@ -42,6 +46,7 @@ from twolane.services.config import (
     FrontendProcessConfig,
     JobRunnerProcessConfig,
     ServeConfig,
+    WebhookProcessConfig,
     WorkerConfig,
 )
 from twolane.services.keys import KeyStore
@@ -134,6 +139,8 @@ class Supervisor:
             listen=dataclasses.replace(config.listen, port=self.port),
             jobs=jobs_config,
             security=config.security,
+            # Frontends check webhook URLs at submit by the deliverer's own rules.
+            webhooks=config.webhooks,
             log=config.log,
             child=child,
             api_server_count=config.api_server_count,
@@ -146,6 +153,14 @@ class Supervisor:
             child=child,
             grace_period_s=config.listen.grace_period_s,
         )
+        webhooks = WebhookProcessConfig(
+            jobs=jobs_config,
+            webhooks=config.webhooks,
+            log=config.log,
+            child=child,
+            grace_period_s=config.listen.grace_period_s,
+            model_name=served_model_name(config.engine.model),
+        )
         # The ready fd differs per start: it is appended when the child is spawned.
         skip = frozenset({"ready_fd"})
         planned = [Child("engine-core", options.to_argv(core, skip=skip), env)]
@@ -154,6 +169,7 @@ class Supervisor:
             for _ in range(config.api_server_count)
         ]
         planned.append(Child("jobs", options.to_argv(runner, skip=skip), env))
+        planned.append(Child("webhooks", ["serve", *options.to_argv(webhooks, skip=skip)], env))
         return planned
 
     async def spawn(self, child: Child) -> None:
@@ -257,7 +273,7 @@ class Supervisor:
     async def stop_all(self) -> None:
         """Stop the children in the reverse of their start order, each group in parallel."""
         self.stopping = True
-        for role in ("frontend", "jobs", "engine-core"):
+        for role in ("frontend", "jobs", "webhooks", "engine-core"):
             group = [c for c in self.children if c.role == role and c.proc is not None]
             await asyncio.gather(*(_terminate(c, self.config.listen.grace_period_s) for c in group))
 

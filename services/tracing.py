@@ -108,6 +108,11 @@ def record_error(span: Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
 
+def record_failure(span: Span, description: str) -> None:
+    """Mark `span` failed without an exception (an attempt the receiver refused)."""
+    span.set_status(Status(StatusCode.ERROR, description))
+
+
 def past_span_wall(name: str, start_unix_ns: int, **attributes: Any) -> None:
     """A child span of the current one from a wall-clock start (a job's time in the
     queue, from its record's creation) until now."""

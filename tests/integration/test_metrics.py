@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -132,9 +133,20 @@ async def test_the_batch_lane_reports_backlog_endings_and_times(
 
 
 def test_probes_answer_and_every_other_path_is_not_found(metrics_server: ServerProcess) -> None:
-    for path in ("/livez", "/readyz"):
-        with urllib.request.urlopen(metrics_url(metrics_server, path), timeout=10) as response:
-            assert response.status == 200
+    with urllib.request.urlopen(metrics_url(metrics_server, "/livez"), timeout=10) as response:
+        assert response.status == 200
+    # Ready once every child is: the job runner and the webhook service start after the
+    # frontends listen.
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(metrics_url(metrics_server, "/readyz"), timeout=10) as r:
+                status = r.status
+        except urllib.error.HTTPError as err:
+            status = err.code
+        if status == 200:
+            break
+        time.sleep(0.1)
+    assert status == 200
     for path in ("/", "/metrics/x", "/healthz", "/favicon.ico"):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(metrics_url(metrics_server, path), timeout=10)
@@ -177,3 +189,4 @@ def test_status_shows_the_engine_the_lanes_and_the_backlog(metrics_server: Serve
     for row in ("interactive lane", "batch lane", "KV cache", "backlog urgent", "backlog bulk"):
         assert row in out, out
     assert "dead letters" in out and "queue serving" in out
+    assert "webhook deliveries" in out

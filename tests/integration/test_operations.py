@@ -59,9 +59,11 @@ def silent_nats() -> Iterator[str]:
             except TimeoutError:
                 continue
 
-    threading.Thread(target=accept, daemon=True).start()
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
     yield f"nats://127.0.0.1:{listener.getsockname()[1]}"
     stop.set()
+    acceptor.join()  # before the listener closes under its accept()
     for conn in held:
         conn.close()
     listener.close()
@@ -168,7 +170,8 @@ async def test_jobs_health_and_readyz_follow_a_frozen_nats(tmp_path: Path) -> No
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             assert await health_of(channel, JOBS) == health_pb2.HealthCheckResponse.SERVING
-            for _ in range(100):  # ready once the job runner, started last, is up too
+            # Ready once the job runner and the webhook service, started last, are up too.
+            for _ in range(600):
                 if readyz(ready_url) == 200:
                     break
                 await asyncio.sleep(0.1)
@@ -206,14 +209,15 @@ async def test_jobs_health_and_readyz_follow_a_frozen_nats(tmp_path: Path) -> No
         nats_server.stop()
 
 
-def test_the_job_runner_runs_at_a_lower_cpu_priority() -> None:
+def test_the_job_runner_and_the_webhook_service_run_at_a_lower_cpu_priority() -> None:
     import json
 
     server = start_server("--log-json", "--job-niceness", "7")
     try:
-        for _ in range(300):  # the job runner is started last
+        for _ in range(300):  # the job runner and the webhook service are started last
             entries = [json.loads(line) for line in server.lines if line.startswith("{")]
-            if any(e.get("event") == "job worker started" for e in entries):
+            events = {e.get("event") for e in entries}
+            if {"job worker started", "webhook deliverer started"} <= events:
                 break
             time.sleep(0.1)
         pids = {
@@ -226,6 +230,7 @@ def test_the_job_runner_runs_at_a_lower_cpu_priority() -> None:
             return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
         assert niceness(pids["jobs"]) == niceness(pids["frontend"]) + 7
+        assert niceness(pids["webhooks"]) == niceness(pids["frontend"]) + 7
         assert niceness(pids["engine-core"]) == niceness(pids["frontend"])
     finally:
         server.stop()

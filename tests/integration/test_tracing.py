@@ -19,6 +19,7 @@ from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
 
 from .nats_fixtures import job_request, wait_for_states
 from .serving import ServerProcess, start_server
+from .webhook_receiver import Receiver
 
 
 class OtlpReceiver:
@@ -78,7 +79,10 @@ def traced(receiver: OtlpReceiver) -> Iterator[ServerProcess]:
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_SERVICE_NAME": "twolane-test",
     }
-    server = start_server("--log-json", env=env)
+    # Webhooks to the receivers of this test, on loopback.
+    server = start_server(
+        "--log-json", "--webhook-allow-http", "--webhook-allow-hosts", "127.0.0.1", env=env
+    )
     yield server
     server.stop()
 
@@ -147,6 +151,31 @@ async def test_one_submit_is_one_trace_from_the_call_to_the_event(
     for child in ("job.queued", "job.claim", "prefill", "decode", "job.result_write"):
         assert spans[child]["parent"] == run["span_id"], child
     assert spans["job.event_publish"]["parent"] == spans["job.submit"]["span_id"]
+
+
+async def test_a_webhook_delivery_continues_the_jobs_trace(
+    receiver: OtlpReceiver, traced: ServerProcess
+) -> None:
+    trace_id, _, header = traceparent()
+    hook = await Receiver(statuses=[503]).start()  # two attempts: one span each
+    try:
+        async with grpc.aio.insecure_channel(traced.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            request = job_request("traced webhook")
+            request.webhook_url = hook.url()
+            await stub.SubmitJob(request, metadata=(("traceparent", header),))
+            await hook.wait_for(2)
+    finally:
+        await hook.close()
+    spans = await spans_named(receiver, trace_id, {"job.event_publish", "webhook.intake"})
+    assert spans["webhook.intake"]["parent"] == spans["job.event_publish"]["span_id"]
+    for _ in range(200):
+        attempts = [s for s in receiver.of_trace(trace_id) if s["name"] == "webhook.attempt"]
+        if len(attempts) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(attempts) == 2
+    assert all(a["parent"] == spans["webhook.intake"]["span_id"] for a in attempts)
 
 
 async def test_a_generate_call_joins_the_callers_trace(

@@ -54,6 +54,7 @@ def test_the_client_imports_only_itself_and_the_api() -> None:
         "twolane.services.job_runner",
         "twolane.services.supervisor",
         "twolane.services.gateway",
+        "twolane.services.webhooks_cli",
         "twolane.services.cli",
         "twolane.scheduler.client",
         "twolane.scheduler.prefix_hash",

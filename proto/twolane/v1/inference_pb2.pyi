@@ -53,6 +53,7 @@ class GetStatsResponse(_message.Message):
     NUM_DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     NUM_WORKERS_FIELD_NUMBER: _builtins.int
     NUM_STEPS_FIELD_NUMBER: _builtins.int
+    NUM_WEBHOOK_DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     num_running: _builtins.int
     num_waiting: _builtins.int
     num_free_blocks: _builtins.int
@@ -71,6 +72,8 @@ class GetStatsResponse(_message.Message):
     num_workers: _builtins.int
     """Engines behind this answer: 1 for a server, the reachable workers for a gateway."""
     num_steps: _builtins.int
+    num_webhook_dead_letters: _builtins.int
+    """Webhook deliveries that failed, on twolane.dlq.webhooks (not in num_dead_letters)."""
     @_builtins.property
     def backlog(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierBacklog]:
         """The batch lane's backlog in JetStream, per tier, and its dead letters (filled when
@@ -96,10 +99,11 @@ class GetStatsResponse(_message.Message):
         num_dead_letters: _builtins.int = ...,
         num_workers: _builtins.int = ...,
         num_steps: _builtins.int = ...,
+        num_webhook_dead_letters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "model_name", b"model_name", "num_dead_letters", b"num_dead_letters", "num_free_blocks", b"num_free_blocks", "num_preemptions", b"num_preemptions", "num_running", b"num_running", "num_running_batch", b"num_running_batch", "num_running_interactive", b"num_running_interactive", "num_steps", b"num_steps", "num_total_blocks", b"num_total_blocks", "num_used_blocks", b"num_used_blocks", "num_waiting", b"num_waiting", "num_waiting_batch", b"num_waiting_batch", "num_waiting_interactive", b"num_waiting_interactive", "num_workers", b"num_workers", "prefix_cache_hit_rate", b"prefix_cache_hit_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "model_name", b"model_name", "num_dead_letters", b"num_dead_letters", "num_free_blocks", b"num_free_blocks", "num_preemptions", b"num_preemptions", "num_running", b"num_running", "num_running_batch", b"num_running_batch", "num_running_interactive", b"num_running_interactive", "num_steps", b"num_steps", "num_total_blocks", b"num_total_blocks", "num_used_blocks", b"num_used_blocks", "num_waiting", b"num_waiting", "num_waiting_batch", b"num_waiting_batch", "num_waiting_interactive", b"num_waiting_interactive", "num_webhook_dead_letters", b"num_webhook_dead_letters", "num_workers", b"num_workers", "prefix_cache_hit_rate", b"prefix_cache_hit_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

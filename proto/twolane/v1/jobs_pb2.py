@@ -26,29 +26,33 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from twolane.v1 import generate_pb2 as twolane_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15twolane/v1/jobs.proto\x12\ntwolane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19twolane/v1/generate.proto\"\xbd\x01\n\x10SubmitJobRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.twolane.v1.GenerateRequest\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.twolane.v1.JobTier\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcustom_id\x18\x05 \x01(\t\"^\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.twolane.v1.JobState\"\"\n\x10GetResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xa9\x02\n\x11GetResultResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.twolane.v1.JobState\x12,\n\x06result\x18\x03 \x01(\x0b\x32\x1c.twolane.v1.GenerateResponse\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tcustom_id\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"H\n\x11\x43\x61ncelJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.twolane.v1.JobState\"\xd0\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.twolane.v1.JobState\x12,\n\x06result\x18\x04 \x01(\x0b\x32\x1c.twolane.v1.GenerateResponse\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tcustom_id\x18\x06 \x01(\t\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*b\n\x07JobTier\x12\x18\n\x14JOB_TIER_UNSPECIFIED\x10\x00\x12\x13\n\x0fJOB_TIER_URGENT\x10\x01\x12\x15\n\x11JOB_TIER_STANDARD\x10\x02\x12\x11\n\rJOB_TIER_BULK\x10\x03*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15twolane/v1/jobs.proto\x12\ntwolane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19twolane/v1/generate.proto\"\xd2\x01\n\x10SubmitJobRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.twolane.v1.GenerateRequest\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.twolane.v1.JobTier\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcustom_id\x18\x05 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x06 \x01(\t\"^\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.twolane.v1.JobState\"\"\n\x10GetResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xd5\x02\n\x11GetResultResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.twolane.v1.JobState\x12,\n\x06result\x18\x03 \x01(\x0b\x32\x1c.twolane.v1.GenerateResponse\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tcustom_id\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07webhook\x18\t \x01(\x0b\x32\x19.twolane.v1.WebhookStatus\"\xf3\x01\n\rWebhookStatus\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.twolane.v1.WebhookState\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\r\x12\x18\n\x10last_http_status\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x33\n\x0fnext_attempt_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nwebhook_id\x18\x07 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"H\n\x11\x43\x61ncelJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.twolane.v1.JobState\"\xd0\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.twolane.v1.JobState\x12,\n\x06result\x18\x04 \x01(\x0b\x32\x1c.twolane.v1.GenerateResponse\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tcustom_id\x18\x06 \x01(\t\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*b\n\x07JobTier\x12\x18\n\x14JOB_TIER_UNSPECIFIED\x10\x00\x12\x13\n\x0fJOB_TIER_URGENT\x10\x01\x12\x15\n\x11JOB_TIER_STANDARD\x10\x02\x12\x11\n\rJOB_TIER_BULK\x10\x03*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x06*\x9d\x01\n\x0cWebhookState\x12\x1d\n\x19WEBHOOK_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WEBHOOK_STATE_PENDING\x10\x01\x12\x1c\n\x18WEBHOOK_STATE_DELIVERING\x10\x02\x12\x1b\n\x17WEBHOOK_STATE_DELIVERED\x10\x03\x12\x18\n\x14WEBHOOK_STATE_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twolane.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBTIER']._serialized_start=1042
-  _globals['_JOBTIER']._serialized_end=1140
-  _globals['_JOBSTATE']._serialized_start=1143
-  _globals['_JOBSTATE']._serialized_end=1320
+  _globals['_JOBTIER']._serialized_start=1353
+  _globals['_JOBTIER']._serialized_end=1451
+  _globals['_JOBSTATE']._serialized_start=1454
+  _globals['_JOBSTATE']._serialized_end=1631
+  _globals['_WEBHOOKSTATE']._serialized_start=1634
+  _globals['_WEBHOOKSTATE']._serialized_end=1791
   _globals['_SUBMITJOBREQUEST']._serialized_start=98
-  _globals['_SUBMITJOBREQUEST']._serialized_end=287
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=289
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=383
-  _globals['_GETRESULTREQUEST']._serialized_start=385
-  _globals['_GETRESULTREQUEST']._serialized_end=419
-  _globals['_GETRESULTRESPONSE']._serialized_start=422
-  _globals['_GETRESULTRESPONSE']._serialized_end=719
-  _globals['_CANCELJOBREQUEST']._serialized_start=721
-  _globals['_CANCELJOBREQUEST']._serialized_end=755
-  _globals['_CANCELJOBRESPONSE']._serialized_start=757
-  _globals['_CANCELJOBRESPONSE']._serialized_end=829
-  _globals['_JOBEVENT']._serialized_start=832
-  _globals['_JOBEVENT']._serialized_end=1040
+  _globals['_SUBMITJOBREQUEST']._serialized_end=308
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=310
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=404
+  _globals['_GETRESULTREQUEST']._serialized_start=406
+  _globals['_GETRESULTREQUEST']._serialized_end=440
+  _globals['_GETRESULTRESPONSE']._serialized_start=443
+  _globals['_GETRESULTRESPONSE']._serialized_end=784
+  _globals['_WEBHOOKSTATUS']._serialized_start=787
+  _globals['_WEBHOOKSTATUS']._serialized_end=1030
+  _globals['_CANCELJOBREQUEST']._serialized_start=1032
+  _globals['_CANCELJOBREQUEST']._serialized_end=1066
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1068
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1140
+  _globals['_JOBEVENT']._serialized_start=1143
+  _globals['_JOBEVENT']._serialized_end=1351
 # @@protoc_insertion_point(module_scope)

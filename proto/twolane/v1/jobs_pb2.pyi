@@ -65,6 +65,40 @@ JOB_STATE_CANCELLED: JobState.ValueType  # 5
 JOB_STATE_EXPIRED: JobState.ValueType  # 6
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _WebhookState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_STATE_UNSPECIFIED: _WebhookState.ValueType  # 0
+    WEBHOOK_STATE_PENDING: _WebhookState.ValueType  # 1
+    """Not attempted yet (the job may still be running)."""
+    WEBHOOK_STATE_DELIVERING: _WebhookState.ValueType  # 2
+    """Attempted; an attempt is in flight or the next one is scheduled."""
+    WEBHOOK_STATE_DELIVERED: _WebhookState.ValueType  # 3
+    """The receiver answered 2xx."""
+    WEBHOOK_STATE_FAILED: _WebhookState.ValueType  # 4
+    """The retry schedule is used up (or the receiver answered 410 Gone); the
+    delivery is on the twolane.dlq.webhooks dead-letter subject.
+    """
+
+class WebhookState(_WebhookState, metaclass=_WebhookStateEnumTypeWrapper):
+    """Where the delivery of a job's completion event to its webhook_url stands."""
+
+WEBHOOK_STATE_UNSPECIFIED: WebhookState.ValueType  # 0
+WEBHOOK_STATE_PENDING: WebhookState.ValueType  # 1
+"""Not attempted yet (the job may still be running)."""
+WEBHOOK_STATE_DELIVERING: WebhookState.ValueType  # 2
+"""Attempted; an attempt is in flight or the next one is scheduled."""
+WEBHOOK_STATE_DELIVERED: WebhookState.ValueType  # 3
+"""The receiver answered 2xx."""
+WEBHOOK_STATE_FAILED: WebhookState.ValueType  # 4
+"""The retry schedule is used up (or the receiver answered 410 Gone); the
+delivery is on the twolane.dlq.webhooks dead-letter subject.
+"""
+Global___WebhookState: _TypeAlias = WebhookState  # noqa: Y015
+
 @_typing.final
 class SubmitJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -74,11 +108,19 @@ class SubmitJobRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     CUSTOM_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     tier: Global___JobTier.ValueType
     idempotency_key: _builtins.str
     """Submissions with the same key return the first job instead of a new one."""
     custom_id: _builtins.str
     """Caller's own id, echoed in the result and the completion event."""
+    webhook_url: _builtins.str
+    """When set, the completion event is POSTed to this URL, signed per the
+    Standard Webhooks specification, and retried until it is delivered or its
+    retry schedule is used up. https only unless the server allows http; hosts
+    that resolve to loopback, private, link-local, CGNAT, multicast or
+    unspecified addresses are refused unless the server allows them.
+    """
     @_builtins.property
     def request(self) -> _generate_pb2.GenerateRequest: ...
     @_builtins.property
@@ -93,10 +135,11 @@ class SubmitJobRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         custom_id: _builtins.str = ...,
+        webhook_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_id", b"custom_id", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "request", b"request", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_id", b"custom_id", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "request", b"request", "tier", b"tier", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,6 +202,7 @@ class GetResultResponse(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     error: _builtins.str
@@ -174,6 +218,10 @@ class GetResultResponse(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def webhook(self) -> Global___WebhookStatus:
+        """Set when the job was submitted with a webhook_url."""
+
     def __init__(
         self,
         *,
@@ -185,14 +233,60 @@ class GetResultResponse(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        webhook: Global___WebhookStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "result", b"result", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "result", b"result", "started_at", b"started_at", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "custom_id", b"custom_id", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "result", b"result", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "custom_id", b"custom_id", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "result", b"result", "started_at", b"started_at", "state", b"state", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetResultResponse: _TypeAlias = GetResultResponse  # noqa: Y015
+
+@_typing.final
+class WebhookStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    DELIVERED_AT_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    state: Global___WebhookState.ValueType
+    attempts: _builtins.int
+    """Attempts made since the delivery (or its last redelivery) started."""
+    last_http_status: _builtins.int
+    """HTTP status of the last attempt; 0 when it got no response."""
+    last_error: _builtins.str
+    """Why the last attempt failed; empty once delivered."""
+    webhook_id: _builtins.str
+    """The webhook-id header of every attempt: receivers dedupe on it."""
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due, while DELIVERING."""
+
+    @_builtins.property
+    def delivered_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        state: Global___WebhookState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_http_status: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+        delivered_at: _timestamp_pb2.Timestamp | None = ...,
+        webhook_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "next_attempt_at", b"next_attempt_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "delivered_at", b"delivered_at", "last_error", b"last_error", "last_http_status", b"last_http_status", "next_attempt_at", b"next_attempt_at", "state", b"state", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookStatus: _TypeAlias = WebhookStatus  # noqa: Y015
 
 @_typing.final
 class CancelJobRequest(_message.Message):
