@@ -175,7 +175,7 @@ def streams(config: JobsConfig) -> list[api.StreamConfig]:
             discard=api.DiscardPolicy.OLD,
             max_age=config.record_ttl_s,
             duplicate_window=JOBS_DUPLICATE_WINDOW_S,
-            num_replicas=1,
+            num_replicas=config.nats_replicas,
         ),
     ]
 
