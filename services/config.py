@@ -30,6 +30,12 @@ def default_data_dir() -> str:
     return str(Path(base) / "twolane")
 
 
+# `--nats-url` of the commands that start no nats-server of their own (gateway, worker).
+NATS_URL_REQUIRED_HELP = "URL of the shared NATS server (required: this command starts none)"
+# What they leave out: the embedded nats-server's store.
+NO_EMBEDDED_NATS = frozenset({"data_dir"})
+
+
 def _check_port(name: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"{name} must be in [0, 65535], got {port}")
@@ -128,6 +134,24 @@ class ListenConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP front (completions, chat, files and batches)."""
+
+    http_port: int = option(
+        -1,
+        "OpenAI-compatible HTTP API on this port; -1 off, 0 a free one (logged on "
+        "`http listening`)",
+    )
+    served_model_name: str = option(
+        "", "model id the HTTP API lists and accepts; empty: the --model name"
+    )
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be -1 (off) or a port, got {self.http_port}")
+
+
+@dataclass(frozen=True)
 class ChildConfig:
     """How a child process finds its engine core and tells its supervisor it is ready.
     Set by `twolane serve`; a child started by hand passes `--ipc-dir` itself."""
@@ -169,6 +193,33 @@ class FrontendProcessConfig:
 
 
 @dataclass(frozen=True)
+class HttpProcessConfig:
+    """`twolane http`: the OpenAI-compatible API over one engine core and the batch lane.
+
+    `listen` gives the host and the grace period; the port is `http.http_port`.
+    """
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    child: ChildConfig = field(default_factory=ChildConfig)
+    reuse_port: bool = option(
+        False,
+        "join the port `twolane serve` holds for this process (SO_REUSEPORT); the "
+        "supervisor checks first that nobody else holds it",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.child.ipc_dir:
+            raise ValueError("http needs --ipc-dir")
+        if not self.jobs.nats_url:
+            raise ValueError("http needs --nats-url")
+        if self.http.http_port < 0:
+            raise ValueError("http needs --http-port >= 0")
+
+
+@dataclass(frozen=True)
 class JobRunnerProcessConfig:
     """`twolane jobs`: the JetStream consumer that feeds the engine core batch work."""
 
@@ -194,6 +245,7 @@ class ServeConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     metrics_port: int = option(
         -1, "Prometheus metrics over HTTP on this port; -1 off, 0 a free port (logged)"
     )

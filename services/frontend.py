@@ -84,7 +84,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetStats(
         self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetStatsResponse:
-        return convert.stats_response(await self._engine.stats())
+        response = convert.stats_response(await self._engine.stats())
+        response.model = self._engine.info.model if self._engine.info else ""
+        return response
 
     @grpc_errors
     async def SubmitJob(

@@ -21,7 +21,13 @@ import structlog
 
 from twolane.scheduler.config import option
 from twolane.services import jobs, options
-from twolane.services.config import JobsConfig, ListenConfig, LogConfig
+from twolane.services.config import (
+    NATS_URL_REQUIRED_HELP,
+    NO_EMBEDDED_NATS,
+    JobsConfig,
+    ListenConfig,
+    LogConfig,
+)
 from twolane.services.errors import NotConfiguredError
 from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
@@ -43,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "jobs to JetStream (on the NATS given by --nats-url; the gateway starts none).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    options.add_options(gateway, GatewayConfig)
+    options.add_options(
+        gateway, GatewayConfig, skip=NO_EMBEDDED_NATS, helps={"nats_url": NATS_URL_REQUIRED_HELP}
+    )
     gateway.set_defaults(func=gateway_main)
 
 
@@ -191,6 +199,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
             total.num_total_blocks += worker.num_total_blocks
             total.num_preemptions += worker.num_preemptions
         total.prefix_cache_hit_rate = sum(w.prefix_cache_hit_rate for w in stats) / len(stats)
+        total.model = ",".join(sorted({w.model for w in stats}))
         return total
 
     @grpc_errors

@@ -5,11 +5,12 @@ It starts nats-server (unless `--nats-url`), then the children, each as
 
     engine-core     the scheduler, KV cache and model, in a loop of their own
     frontend (xN)   the gRPC API on one shared port, tokenizing and streaming
+    http            the OpenAI-compatible API and the Batch API (with --http-port)
     jobs            the JetStream consumer feeding the engine core batch work
 
 A child that dies is noticed at once and started again, with backoff. On SIGTERM the
-children stop in order: frontends (draining their calls), the job runner (finishing
-or giving back its jobs), the engine core, and last nats-server.
+children stop in order: frontends and the HTTP front (draining their calls), the job
+runner (finishing or giving back its jobs), the engine core, and last nats-server.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ import structlog
 
 from twolane.services import jobs, options
 from twolane.services.config import (
+    NATS_URL_REQUIRED_HELP,
+    NO_EMBEDDED_NATS,
     ChildConfig,
     EngineCoreProcessConfig,
     FrontendProcessConfig,
+    HttpProcessConfig,
     JobRunnerProcessConfig,
     ServeConfig,
 )
@@ -65,10 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "worker",
         help="host an engine for a gateway: run jobs from a shared NATS, serve --port",
         description="An engine core with its frontend and job runner, on a NATS shared with "
-        "other workers and gateways (--nats-url is required; no embedded nats-server).",
+        "other workers and gateways (--nats-url is required: a worker starts no nats-server).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ServeConfig.add_arguments(worker)
+    options.add_options(
+        worker, ServeConfig, skip=NO_EMBEDDED_NATS, helps={"nats_url": NATS_URL_REQUIRED_HELP}
+    )
     worker.set_defaults(func=worker_main)
 
 
@@ -112,6 +118,7 @@ class Supervisor:
     ipc_dir: Path
     port: int
     metrics_dir: Path
+    http_port: int = -1  # -1: no HTTP front
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
     _background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -145,6 +152,16 @@ class Supervisor:
             Child("frontend", options.to_argv(frontend, skip=skip), env)
             for _ in range(config.api_server_count)
         ]
+        if self.http_port >= 0:
+            http = HttpProcessConfig(
+                listen=config.listen,
+                http=dataclasses.replace(config.http, http_port=self.http_port),
+                jobs=jobs_config,
+                log=config.log,
+                child=child,
+                reuse_port=True,
+            )
+            planned.append(Child("http", options.to_argv(http, skip=skip | {"port"}), env))
         planned.append(Child("jobs", options.to_argv(runner, skip=skip), env))
         return planned
 
@@ -249,7 +266,7 @@ class Supervisor:
     async def stop_all(self) -> None:
         """Stop the children in the reverse of their start order, each group in parallel."""
         self.stopping = True
-        for role in ("frontend", "jobs", "engine-core"):
+        for role in ("frontend", "http", "jobs", "engine-core"):
             group = [c for c in self.children if c.role == role and c.proc is not None]
             await asyncio.gather(*(_terminate(c, self.config.listen.grace_period_s) for c in group))
 
@@ -330,6 +347,10 @@ async def serve(config: ServeConfig) -> None:
         # Ports first: a port that is taken fails before anything starts.
         port, holder = reserve_port(config.listen.host, config.listen.port)
         stack.callback(holder.close)
+        http_port = -1
+        if config.http.http_port >= 0:
+            http_port, http_holder = reserve_port(config.listen.host, config.http.http_port)
+            stack.callback(http_holder.close)
         metrics_dir = Path(tempfile.mkdtemp(prefix="twolane-metrics-"))
         stack.callback(shutil.rmtree, metrics_dir, True)
         supervisor: Supervisor | None = None
@@ -350,7 +371,7 @@ async def serve(config: ServeConfig) -> None:
         nats_url = await jobs.start_nats(stack, config.jobs)
         ipc_dir = Path(tempfile.mkdtemp(prefix="twolane-ipc-"))
         stack.callback(shutil.rmtree, ipc_dir, True)
-        supervisor = Supervisor(config, nats_url, ipc_dir, port, metrics_dir)
+        supervisor = Supervisor(config, nats_url, ipc_dir, port, metrics_dir, http_port)
         stack.push_async_callback(supervisor.stop_all)
         starting = asyncio.ensure_future(supervisor.start_all())
         stopping = asyncio.ensure_future(stop.wait())
@@ -364,7 +385,13 @@ async def serve(config: ServeConfig) -> None:
             return
         stopping.cancel()
         starting.result()  # raises OSError when a child could not start
-        log.info("serving", port=port, nats_url=nats_url, processes=len(supervisor.children))
+        log.info(
+            "serving",
+            port=port,
+            http_port=http_port if http_port >= 0 else None,
+            nats_url=nats_url,
+            processes=len(supervisor.children),
+        )
         await supervisor.watch(stop)
         log.info("stopping")
     log.info("stopped")

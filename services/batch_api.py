@@ -1,0 +1,220 @@
+"""The OpenAI Files and Batch API routes, served from JetStream (see batch_store.py).
+
+`/v1/files` keeps files in the object store; `/v1/batches` writes batch records that a
+BatchRunner (in this process or another front's) drives to their end. The routes only
+read and write records, so any front of a cluster answers for any batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from twolane.services.batch_runner import BatchRunner
+from twolane.services.batch_store import (
+    MAX_FILE_BYTES,
+    BatchRecord,
+    BatchStore,
+    FileStore,
+    new_batch_id,
+)
+from twolane.services.errors import (
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from twolane.services.http_auth import authenticate
+from twolane.services.openai_api import json_response, openai_errors
+from twolane.services.openai_schema import CreateBatchRequest, parse
+
+log = structlog.get_logger(__name__)
+
+COMPLETION_WINDOW_S = 24 * 3600
+DEFAULT_PAGE = 20
+MAX_PAGE = 100
+MAX_METADATA_PAIRS = 16
+_UPLOAD_PURPOSES = ("batch",)
+_CANCELLABLE = ("validating", "in_progress")
+
+
+class BatchAPI:
+    def __init__(self, files: FileStore, batches: BatchStore, runner: BatchRunner) -> None:
+        self.files = files
+        self.batches = batches
+        self.runner = runner
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/files", self.upload_file, methods=["POST"]),
+            Route("/v1/files", self.list_files, methods=["GET"]),
+            Route("/v1/files/{file_id}", self.get_file, methods=["GET"]),
+            Route("/v1/files/{file_id}", self.delete_file, methods=["DELETE"]),
+            Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
+            Route("/v1/batches", self.create_batch, methods=["POST"]),
+            Route("/v1/batches", self.list_batches, methods=["GET"]),
+            Route("/v1/batches/{batch_id}", self.get_batch, methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", self.cancel_batch, methods=["POST"]),
+        ]
+
+    # ---- files ---------------------------------------------------------------------
+
+    @openai_errors
+    async def upload_file(self, request: Request) -> Response:
+        tenant = authenticate(request.headers.get("authorization"))
+        async with request.form(max_files=1, max_fields=4) as form:
+            upload, purpose = form.get("file"), form.get("purpose")
+            problems = []
+            if not isinstance(upload, UploadFile):
+                problems.append(FieldViolation("file", "required: the file, as a multipart part"))
+            if purpose not in _UPLOAD_PURPOSES:
+                problems.append(
+                    FieldViolation("purpose", f"must be one of {', '.join(_UPLOAD_PURPOSES)}")
+                )
+            if problems:
+                raise InvalidArgumentError(problems)
+            assert isinstance(upload, UploadFile)
+            data = await upload.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise InvalidArgumentError(
+                    [FieldViolation("file", f"at most {MAX_FILE_BYTES} bytes")]
+                )
+            info = await self.files.put(tenant, upload.filename or "file", str(purpose), data)
+        log.info("file stored", file_id=info.id, num_bytes=info.num_bytes, tenant=tenant)
+        return json_response(info.to_openai())
+
+    @openai_errors
+    async def list_files(self, request: Request) -> Response:
+        tenant = authenticate(request.headers.get("authorization"))
+        infos = await self.files.list(tenant, request.query_params.get("purpose"))
+        infos.sort(key=lambda info: info.created_at, reverse=True)
+        return json_response({"object": "list", "data": [i.to_openai() for i in infos]})
+
+    @openai_errors
+    async def get_file(self, request: Request) -> Response:
+        tenant = authenticate(request.headers.get("authorization"))
+        info = await self.files.info(tenant, request.path_params["file_id"])
+        return json_response(info.to_openai())
+
+    @openai_errors
+    async def file_content(self, request: Request) -> Response:
+        tenant = authenticate(request.headers.get("authorization"))
+        data = await self.files.content(tenant, request.path_params["file_id"])
+        return Response(data, media_type="application/jsonl")
+
+    @openai_errors
+    async def delete_file(self, request: Request) -> Response:
+        tenant = authenticate(request.headers.get("authorization"))
+        file_id = request.path_params["file_id"]
+        await self.files.delete(tenant, file_id)
+        return json_response({"id": file_id, "object": "file", "deleted": True})
+
+    # ---- batches -------------------------------------------------------------------
+
+    @openai_errors
+    async def create_batch(self, request: Request) -> Response:
+        tenant = authenticate(request.headers.get("authorization"))
+        body = parse(CreateBatchRequest, await request.body())
+        if body.metadata is not None and len(body.metadata) > MAX_METADATA_PAIRS:
+            raise InvalidArgumentError(
+                [FieldViolation("metadata", f"at most {MAX_METADATA_PAIRS} pairs")]
+            )
+        try:
+            info = await self.files.info(tenant, body.input_file_id)
+        except NotFoundError:
+            raise NotFoundError(f"input_file_id: no file with id {body.input_file_id!r}") from None
+        if info.purpose != "batch":
+            raise InvalidArgumentError(
+                [FieldViolation("input_file_id", f"the file's purpose is {info.purpose!r}, not batch")]
+            )
+        now_s = int(time.time())
+        record = BatchRecord(
+            id=new_batch_id(),
+            tenant=tenant,
+            endpoint=body.endpoint,
+            input_file_id=body.input_file_id,
+            completion_window=body.completion_window,
+            metadata=body.metadata,
+            created_at=now_s,
+            expires_at=now_s + COMPLETION_WINDOW_S,
+        )
+        await self.batches.create(record)
+        await self.runner.nudge(record.id)
+        log.info("batch created", batch_id=record.id, endpoint=record.endpoint, tenant=tenant)
+        return json_response(record.to_openai())
+
+    @openai_errors
+    async def get_batch(self, request: Request) -> Response:
+        tenant = authenticate(request.headers.get("authorization"))
+        stored = await self.batches.require(tenant, request.path_params["batch_id"])
+        return json_response(stored.record.to_openai())
+
+    @openai_errors
+    async def list_batches(self, request: Request) -> Response:
+        """Newest first, `limit` at a time, the page after the batch `after`."""
+        tenant = authenticate(request.headers.get("authorization"))
+        limit = _limit(request.query_params.get("limit"))
+        after = request.query_params.get("after")
+        records = []
+        for batch_id in await self.batches.ids():
+            stored = await self.batches.read(batch_id)
+            if stored is not None and stored.record.tenant == tenant:
+                records.append(stored.record)
+        records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        if after is not None:
+            ids = [r.id for r in records]
+            if after not in ids:
+                raise NotFoundError(f"after: no batch with id {after!r}")
+            records = records[ids.index(after) + 1 :]
+        page = records[:limit]
+        body: dict[str, Any] = {
+            "object": "list",
+            "data": [r.to_openai() for r in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(records) > limit,
+        }
+        return json_response(body)
+
+    @openai_errors
+    async def cancel_batch(self, request: Request) -> Response:
+        tenant = authenticate(request.headers.get("authorization"))
+        batch_id = request.path_params["batch_id"]
+        await self.batches.require(tenant, batch_id)
+        refused = ""
+
+        def cancel(record: BatchRecord) -> bool:
+            nonlocal refused
+            if record.status == "cancelling":
+                return False
+            if record.status not in _CANCELLABLE:
+                refused = record.status
+                return False
+            record.set_status("cancelling")
+            return True
+
+        stored, changed = await self.batches.update(batch_id, cancel)
+        if refused:
+            raise FailedPreconditionError(f"cannot cancel a batch that is {refused}")
+        if changed:
+            await self.runner.nudge(batch_id)
+            log.info("batch cancelling", batch_id=batch_id)
+        return json_response(stored.record.to_openai())
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_PAGE
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidArgumentError([FieldViolation("limit", f"must be in [1, {MAX_PAGE}]")])
+    return limit
