@@ -41,6 +41,7 @@ def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
     "module",
     [
         "twolane.services.frontend",
+        "twolane.services.http_front",
         "twolane.services.job_runner",
         "twolane.services.supervisor",
         "twolane.services.gateway",
