@@ -131,7 +131,11 @@ class BatchAPI:
             raise NotFoundError(f"input_file_id: no file with id {body.input_file_id!r}") from None
         if info.purpose != "batch":
             raise InvalidArgumentError(
-                [FieldViolation("input_file_id", f"the file's purpose is {info.purpose!r}, not batch")]
+                [
+                    FieldViolation(
+                        "input_file_id", f"the file's purpose is {info.purpose!r}, not batch"
+                    )
+                ]
             )
         now_s = int(time.time())
         record = BatchRecord(

@@ -145,6 +145,7 @@ class BatchRunner:
 
     async def stop(self) -> None:
         """Stop driving; hand the batches back so another process takes them at once."""
+        driving = list(self._driving)
         tasks = [t for t in (self._scan_task, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -152,7 +153,7 @@ class BatchRunner:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        for batch_id in list(self._driving):
+        for batch_id in driving:
             with contextlib.suppress(Exception):
                 await self.batches.update(batch_id, self._release)
         log.info("batch runner stopped", runner_id=self.runner_id)
@@ -265,7 +266,9 @@ class _Drive:
                     main.cancel()
                     return
                 except Exception as exc:  # NATS away for a moment: try again next tick
-                    log.warning("batch lease renewal failed", batch_id=self.batch_id, error=repr(exc))
+                    log.warning(
+                        "batch lease renewal failed", batch_id=self.batch_id, error=repr(exc)
+                    )
 
         beating = asyncio.create_task(heartbeat())
         try:

@@ -25,7 +25,7 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from twolane.services import jetstream
 from twolane.services.config import JobsConfig
@@ -208,8 +208,8 @@ class BatchRecord(BaseModel):
     expired_at: int | None = None
     cancelling_at: int | None = None
     cancelled_at: int | None = None
-    request_counts: RequestCounts = RequestCounts()
-    errors: list[BatchError] = []
+    request_counts: RequestCounts = Field(default_factory=RequestCounts)
+    errors: list[BatchError] = Field(default_factory=list)
     output_file_id: str | None = None
     error_file_id: str | None = None
     usage: dict[str, Any] | None = None

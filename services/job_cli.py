@@ -285,11 +285,14 @@ def batch_main(args: argparse.Namespace) -> int:
     bad = [line for line in lines if isinstance(line, BadLine)]
     for line in bad:
         print(f"twolane batch: {line.describe()}", file=sys.stderr)
-    if bad or not lines:
+    if bad:
         print(
             f"twolane batch: {len(bad)} of {len(lines)} lines are bad; nothing was submitted",
             file=sys.stderr,
         )
+        return 2
+    if not lines:
+        print(f"twolane batch: {args.input} has no requests", file=sys.stderr)
         return 2
     url = nats_url(args, "batch")
     if url is None:
@@ -301,12 +304,17 @@ def batch_main(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as err:
         print(describe_error(err), file=sys.stderr)
         return 1
+    except TimeoutError as exc:
+        print(f"twolane batch: {exc}", file=sys.stderr)
+        return 1
     except (OSError, nats.errors.Error) as exc:
         print(f"twolane batch: cannot reach NATS at {url}: {exc}", file=sys.stderr)
         return 1
     _write_jsonl(args.output, outcome.results)
     if outcome.errors:
         _write_jsonl(errors_path, outcome.errors)
+    else:
+        errors_path.unlink(missing_ok=True)  # an earlier run's
     for message in outcome.refused:
         print(f"twolane batch: {message}", file=sys.stderr)
     where = f"results in {args.output}" + (f", errors in {errors_path}" if outcome.errors else "")
@@ -399,13 +407,17 @@ async def _submit_all(
                     if err.code() is not grpc.StatusCode.INVALID_ARGUMENT:
                         raise
                     refusal = describe_error(err).replace("\n", ";")
-                    outcome.refused.append(f"line {line.number} (custom_id {line.custom_id!r}): {refusal}")
+                    outcome.refused.append(
+                        f"line {line.number} (custom_id {line.custom_id!r}): {refusal}"
+                    )
                     outcome.errors.append(
                         batch_refused_line(
                             line.custom_id,
                             f"line-{line.number}",
                             400,
-                            error_body(f"line {line.number}: {err.details()}", "invalid_request_error"),
+                            error_body(
+                                f"line {line.number}: {err.details()}", "invalid_request_error"
+                            ),
                         )
                     )
                     return None
@@ -444,12 +456,14 @@ async def _wait_for_events(
                 return
             remaining_s = None if give_up_at is None else give_up_at - time.monotonic()
             if remaining_s is not None and remaining_s <= 0:
-                raise OSError(f"{len(job_ids) - done} jobs did not finish in {args.timeout} s")
+                raise TimeoutError(f"{len(job_ids) - done} jobs did not finish in {args.timeout} s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(arrived.wait(), remaining_s)
 
 
-def outcome_line(outcome: BatchOutcome, line: GoodLine, event: jobs_pb2.JobEvent, model: str) -> None:
+def outcome_line(
+    outcome: BatchOutcome, line: GoodLine, event: jobs_pb2.JobEvent, model: str
+) -> None:
     """The job's line in the output file (or, when it did not succeed, the error file)."""
     job_id = event.job_id
     if event.state == jobs_pb2.JOB_STATE_SUCCEEDED and event.HasField("result"):

@@ -78,6 +78,10 @@ def openai_errors(handler: Handler) -> Handler:
             return await handler(*args)
         except ClientGoneError:
             return Response(status_code=499)  # nobody reads it
+        except HTTPException as exc:  # Starlette's own, e.g. a malformed multipart body
+            return json_response(
+                error_body(str(exc.detail), "invalid_request_error"), exc.status_code
+            )
         except Exception as exc:
             error = http_error(exc)
             if error.status < 500 or error.status == 503:
@@ -354,4 +358,3 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-

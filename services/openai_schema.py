@@ -138,13 +138,16 @@ def violations(exc: pydantic.ValidationError, prefix: str = "") -> list[FieldVio
     return [v for v in found if unique.get(v.field) is v]
 
 
+_UNION_BRANCHES = frozenset({"str", "int", "float", "bool", "bytes", "none"})
+
+
 def _path(loc: Sequence[int | str]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif "[" in item or "function-after" in item:
-            continue  # a union branch's name (`list[int]`), not a field
+        elif "[" in item or "-" in item or item in _UNION_BRANCHES:
+            continue  # a union branch's name (`str`, `list[int]`), not a field
         else:
             parts.append(("." if parts else "") + item)
     return "".join(parts)
@@ -204,7 +207,9 @@ def _sampling_params(
     )
     if isinstance(body, ChatCompletionRequest):
         max_tokens = (
-            body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            body.max_completion_tokens
+            if body.max_completion_tokens is not None
+            else body.max_tokens
         )
         if max_tokens is None:
             max_tokens = default_chat_max_tokens

@@ -78,7 +78,7 @@ def wait_for(
         if (done(batch) if done else batch.status in FINAL) or time.monotonic() > give_up_at:
             break
         time.sleep(0.2)
-    assert (done(batch) if done else batch.status in FINAL), batch
+    assert done(batch) if done else batch.status in FINAL, batch
     return batch
 
 

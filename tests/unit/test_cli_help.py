@@ -10,9 +10,7 @@ from twolane.services.cli import build_parser, main
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
-    (action,) = [
-        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
-    ]
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(action.choices)
 
 

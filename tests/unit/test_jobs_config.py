@@ -7,10 +7,10 @@ import json
 import pytest
 
 from twolane.services import options
+from twolane.services.batch_lines import BadLine, GoodLine, parse_lines
 from twolane.services.cli import build_parser
 from twolane.services.config import JobsConfig, ServeConfig
 from twolane.services.gateway import GatewayConfig
-from twolane.services.batch_lines import BadLine, GoodLine, parse_lines
 from twolane.services.job_cli import idempotency_key
 
 
@@ -86,8 +86,16 @@ def test_batch_reads_openai_batch_lines_and_flat_lines() -> None:
     [
         ("not json", None, "line: not JSON"),
         (json.dumps({"body": {"prompt": "x"}}), None, "custom_id: required"),
-        (json.dumps({"custom_id": "a", "body": {"prompt": "x", "max_token": 3}}), "a", "body.max_token"),
-        (json.dumps({"custom_id": "a", "body": {"prompt": "x", "top_k": "many"}}), "a", "body.top_k"),
+        (
+            json.dumps({"custom_id": "a", "body": {"prompt": "x", "max_token": 3}}),
+            "a",
+            "body.max_token",
+        ),
+        (
+            json.dumps({"custom_id": "a", "body": {"prompt": "x", "top_k": "many"}}),
+            "a",
+            "body.top_k",
+        ),
         (json.dumps({"custom_id": "a", "body": {"prompt": "x", "n": 2}}), "a", "body.n"),
         (json.dumps({"custom_id": "a", "url": "/v1/embeddings", "body": {}}), "a", "url"),
     ],

@@ -83,7 +83,11 @@ def test_openai_defaults_apply_where_the_body_is_silent() -> None:
     assert request.params.max_tokens == 2048  # a chat runs to the context's end
     both = parse(
         ChatCompletionRequest,
-        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "max_completion_tokens": 7},
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 5,
+            "max_completion_tokens": 7,
+        },
     )
     assert generate_requests(both, 2048)[0].params.max_tokens == 7
 
@@ -91,7 +95,14 @@ def test_openai_defaults_apply_where_the_body_is_silent() -> None:
 def test_text_parts_of_a_message_are_joined() -> None:
     body = parse(
         ChatCompletionRequest,
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                }
+            ]
+        },
     )
     assert generate_requests(body, None)[0].messages[0].content == "ab"
 
@@ -157,7 +168,9 @@ def result(text: str, tokens: list[int], prompt_tokens: int) -> generate_pb2.Gen
 def test_usage_counts_each_prompt_once_and_every_choice() -> None:
     reply = Reply("cmpl-1", COMPLETIONS, "m", 1, n=2)
     body = response_body(
-        reply, [result("a", [1], 5), result("b", [2, 3], 5), result("c", [4], 7), result("", [], 7)], None
+        reply,
+        [result("a", [1], 5), result("b", [2, 3], 5), result("c", [4], 7), result("", [], 7)],
+        None,
     )
     assert [c["text"] for c in body["choices"]] == ["a", "b", "c", ""]
     assert body["usage"]["prompt_tokens"] == 12
