@@ -39,8 +39,12 @@ from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc
 
 RESULTS_DIR = Path(__file__).parent / "results"
 PHASES = ("schedule", "prepare", "forward", "sample", "postprocess", "send", "commands")
-_PHASE_SUM = re.compile(r'^twolane_engine_step_phase_seconds_sum\{phase="(\w+)"\} (\S+)$', re.M)
-_PHASE_COUNT = re.compile(r'^twolane_engine_step_phase_seconds_count\{phase="(\w+)"\} (\S+)$', re.M)
+_PHASE_SUM = re.compile(
+    r'^twolane_engine_step_phase_seconds_sum\{[^}]*phase="(\w+)"[^}]*\} (\S+)$', re.M
+)
+_PHASE_COUNT = re.compile(
+    r'^twolane_engine_step_phase_seconds_count\{[^}]*phase="(\w+)"[^}]*\} (\S+)$', re.M
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +102,8 @@ def measure_bare(
 
     def phase_sum(phase: str) -> float:
         name = "twolane_engine_step_phase_seconds_sum"
-        return engine.metrics.registry.get_sample_value(name, {"phase": phase}) or 0.0
+        labels = {"phase": phase, "model_name": engine.metrics.model_name}
+        return engine.metrics.registry.get_sample_value(name, labels) or 0.0
 
     before = {phase: phase_sum(phase) for phase in ("forward", "sample")}
     started_s = time.perf_counter()

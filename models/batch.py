@@ -46,12 +46,15 @@ class BatchSequence:
     sampling: SamplingRow | None
 
 
-class LayerHook(Protocol):
-    """Called by the decoder between two layers of a forward pass.
+class ForwardHook(Protocol):
+    """Called by the decoder at safe points of a forward pass: between the attention and
+    the MLP of every layer, and after every layer.
 
     The engine uses it to run another, small step (an urgent step, on other sequences)
     before the one in flight goes on. It may run a whole forward pass of its own: every
-    step carries its own attention metadata, so nothing of the outer step is overwritten.
+    step carries its own attention metadata, and at these points the outer step has
+    written the K/V of its tokens for the layers done, so nothing of it is overwritten.
+    Checking at half-layer points halves what a new request waits for the layer in flight.
     """
 
-    def after_layer(self, layer_index: int) -> None: ...
+    def safe_point(self) -> None: ...

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twolane.kernels.attention import AttentionBackend, AttentionMetadata
-from twolane.models.batch import LayerHook
+from twolane.models.batch import ForwardHook
 from twolane.models.config import ModelConfig, RopeScaling
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -139,10 +139,13 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        hook: ForwardHook | None = None,
     ) -> torch.Tensor:
         hidden = hidden + self.self_attn(
             positions, self.input_layernorm(hidden), kv_cache, meta, backend
         )
+        if hook is not None:
+            hook.safe_point()
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -167,15 +170,14 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-        hook: LayerHook | None = None,
+        hook: ForwardHook | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        """Run the decoder; `hook`, if given, is called after every layer but the last."""
+        """Run the decoder; `hook`, if given, is called at its safe points (ForwardHook)."""
         hidden = self.embed_tokens(input_ids)
-        last = len(self.layers) - 1
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            hidden = layer(positions, hidden, kv_cache, meta, backend)
-            if hook is not None and i < last:
-                hook.after_layer(i)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, kv_cache, meta, backend, hook)
+            if hook is not None:
+                hook.safe_point()
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from twolane.kernels.attention import AttentionBackend, AttentionMetadata
-from twolane.models.batch import BatchSequence, LayerHook, SamplingRow
+from twolane.models.batch import BatchSequence, ForwardHook, SamplingRow
 from twolane.models.config import ModelConfig
 from twolane.models.llama import KVCache, LlamaForCausalLM
 from twolane.models.sampling import sample
@@ -67,7 +67,7 @@ class ModelRunner:
         return per_layer * model_config.num_layers
 
     @torch.inference_mode()
-    def execute(self, batch: list[BatchSequence], hook: LayerHook | None = None) -> StepResult:
+    def execute(self, batch: list[BatchSequence], hook: ForwardHook | None = None) -> StepResult:
         """Run one step. `hook` may run another step of its own (on other sequences)
         between two layers of this one."""
         started_s = time.perf_counter()

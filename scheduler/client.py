@@ -44,7 +44,9 @@ from twolane.scheduler.request import ErrorCode, Priority, SamplingParams
 
 log = structlog.get_logger(__name__)
 
-STATS_TIMEOUT_S = 10.0
+# A core mid-way through a long step answers at its next safe point (between layers); this
+# long without an answer means it is stuck. A caller's own deadline ends the wait sooner.
+STATS_TIMEOUT_S = 30.0
 # The core answers ZMTP pings from its I/O thread even mid-step; a core that stops
 # answering (frozen, or its machine gone) counts as dead after this long.
 HEARTBEAT_IVL_MS = 500
@@ -201,6 +203,7 @@ class EngineClient:
         priority: Priority = Priority.INTERACTIVE,
         deadline_s: float | None = None,
         stream: bool = True,
+        tenant: str = "default",
     ) -> RequestStream:
         """Queue a validated request; iterate the returned stream for its outputs.
 
@@ -222,6 +225,7 @@ class EngineClient:
             arrival_time_s=time.monotonic(),
             deadline_s=deadline_s,
             stream=stream,
+            tenant=tenant,
         )
         if not self._send(command):
             del self._streams[request_id]
@@ -263,6 +267,12 @@ class EngineClient:
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    def held_for_tenant(self, tenant: str) -> int | None:
+        """Requests the core holds for `tenant` (every client's), as of its last load."""
+        if self.load is None:
+            return None
+        return self.load.num_requests_by_tenant.get(tenant, 0)
 
     # ---- sockets -----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -31,6 +32,11 @@ def option(
     """
     metadata = {"help": help, "flag": flag, "env": env, "choices": choices}
     return field(default=default, metadata=metadata)
+
+
+def served_model_name(model: str) -> str:
+    """The model's name in metrics and APIs: the --model value, or a path's last part."""
+    return Path(model.rstrip("/")).name if "/" in model else model
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 No asyncio, no gRPC, no NATS: the loop reads every command waiting on its ROUTER
 socket, runs a step, sends each client the outputs of its own requests, and publishes
-its load. While a step runs, the loop looks at the socket again between every two
-layers (`after_layer`), so an interactive request that arrives mid-step starts there
-in an urgent step instead of waiting for the step to end.
+its load. While a step runs, the loop looks at the socket again at every safe point of
+the forward pass (`safe_point`: mid-layer and between layers), so an interactive request
+that arrives mid-step starts there in an urgent step instead of waiting for the step to
+end.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class EngineCoreProc:
         self._interactive_arrived = False
         self._in_step = False
         self._stopping = False
-        self._last_load: tuple[int, ...] = ()
+        self._last_load: tuple[object, ...] = ()
         self._last_publish_s = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -134,10 +135,10 @@ class EngineCoreProc:
         self._ctx.term()
         log.info("engine core stopped", num_aborted=len(outputs))
 
-    # ---- the layer hook ------------------------------------------------------------
+    # ---- the forward hook ----------------------------------------------------------
 
-    def after_layer(self, layer_index: int) -> None:
-        """Between two layers of a step: take new commands and start new interactive work."""
+    def safe_point(self) -> None:
+        """Inside a step's forward pass: take new commands and start new interactive work."""
         if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             return
         self._drain_commands()
@@ -292,13 +293,14 @@ class EngineCoreProc:
             self._pub.send(command_encoder.encode(load), zmq.NOBLOCK)
 
 
-def _load_key(load: Load) -> tuple[int, ...]:
+def _load_key(load: Load) -> tuple[object, ...]:
     return (
         load.num_running_interactive,
         load.num_waiting_interactive,
         load.num_running_batch,
         load.num_waiting_batch,
         load.num_free_blocks,
+        tuple(sorted(load.num_requests_by_tenant.items())),
     )
 
 

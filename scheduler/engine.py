@@ -6,6 +6,7 @@ Token ids in, token ids out: text, tokenizing and stop strings belong to the fro
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from pathlib import Path
@@ -14,14 +15,14 @@ import msgspec
 import structlog
 
 from twolane.kernels.attention import get_attention_backend
-from twolane.models.batch import BatchSequence, LayerHook, SamplingRow
+from twolane.models.batch import BatchSequence, ForwardHook, SamplingRow
 from twolane.models.config import ModelConfig
 from twolane.models.loader import DTYPES, load_model
 from twolane.models.resolve import resolve_model_dir
 from twolane.models.runner import ModelRunner, StepResult
 from twolane.models.sampling import make_generator
 from twolane.scheduler.block_manager import BlockManager
-from twolane.scheduler.config import EngineConfig
+from twolane.scheduler.config import EngineConfig, served_model_name
 from twolane.scheduler.metrics import EngineMetrics
 from twolane.scheduler.protocol import AddRequest, EngineStats, Load, TokenOutput, final_output
 from twolane.scheduler.request import ErrorCode, FinishReason, Priority, SamplingParams
@@ -74,7 +75,7 @@ class EngineCore:
         self.runner = ModelRunner(
             model, self.model_config, backend, num_blocks, config.block_size, dtype, config.device
         )
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(served_model_name(config.model))
         self._requests: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
@@ -126,6 +127,7 @@ class EngineCore:
             arrival_time_s=request.arrival_time_s,
             deadline_s=request.deadline_s,
             generator=None if params.is_greedy else make_generator(params.seed),
+            tenant=request.tenant,
         )
         self._requests[request.request_id] = _RequestState(seq, request.stream)
         self.scheduler.add(seq)
@@ -174,7 +176,7 @@ class EngineCore:
 
     # ---- stepping --------------------------------------------------------------
 
-    def step(self, hook: LayerHook | None = None) -> list[TokenOutput]:
+    def step(self, hook: ForwardHook | None = None) -> list[TokenOutput]:
         """Run one scheduling step and return the outputs it produced.
 
         `hook` runs between two layers of the step's forward pass; it may call
@@ -197,9 +199,11 @@ class EngineCore:
     def refresh_gauges(self) -> None:
         """Running, waiting and free-block gauges as they are now (after a step or an
         abort), so a scrape never shows a request that has finished."""
+        bm = self.block_manager
         self.metrics.observe_queues(
-            self.scheduler.running, self.scheduler.waiting, self.block_manager.num_free_blocks
+            self.scheduler.running, self.scheduler.waiting, bm.num_free_blocks, bm.num_blocks
         )
+        self.metrics.observe_prefix_cache(bm.num_prefix_query_tokens, bm.num_prefix_hit_tokens)
 
     def urgent_step(self) -> list[TokenOutput]:
         """Prefill waiting interactive requests in a step of their own, from inside the
@@ -222,7 +226,7 @@ class EngineCore:
         self,
         scheduled: list[ScheduledSequence],
         now: float,
-        hook: LayerHook | None,
+        hook: ForwardHook | None,
         regular: bool,
     ) -> list[TokenOutput]:
         self.num_steps += 1
@@ -352,6 +356,7 @@ class EngineCore:
         running, waiting = self.scheduler.running, self.scheduler.waiting
         num_running_batch = sum(1 for s in running if s.priority.is_batch)
         num_waiting_batch = sum(1 for s in waiting if s.priority.is_batch)
+        by_tenant = collections.Counter(state.seq.tenant for state in self._requests.values())
         return Load(
             instance_id=self.instance_id,
             num_steps=self.num_steps,
@@ -362,6 +367,7 @@ class EngineCore:
             max_num_batch_seqs=self.scheduler.max_num_batch_seqs,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_total_blocks=self.block_manager.num_blocks,
+            num_requests_by_tenant=dict(by_tenant),
         )
 
     def generate(

@@ -30,6 +30,7 @@ class AddRequest(msgspec.Struct, tag="add", frozen=True):
     arrival_time_s: float
     deadline_s: float | None = None
     stream: bool = True
+    tenant: str = "default"
 
 
 class AbortRequests(msgspec.Struct, tag="abort", frozen=True):
@@ -67,6 +68,9 @@ class Load(msgspec.Struct, frozen=True):
     max_num_batch_seqs: int
     num_free_blocks: int
     num_total_blocks: int
+    # Requests the core holds (running or waiting) per tenant, for tenants with any: the
+    # fronts and the job runner keep each tenant under its concurrency limit with it.
+    num_requests_by_tenant: dict[str, int] = {}
 
 
 class EngineStats(msgspec.Struct, frozen=True):

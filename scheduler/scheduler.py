@@ -3,7 +3,8 @@
 Every step the scheduler builds one batch under a token budget and a sequence cap.
 It considers work in this order: running interactive sequences, waiting interactive
 ones, running batch sequences, waiting batch ones; inside a lane, better class first
-(urgent > standard > bulk) and first come first served inside a class. A long
+(urgent > standard > bulk), and inside a class turns fair across tenants (first come
+first served within one tenant). A long
 prompt is prefilled in chunks across steps, side by side with other sequences'
 decodes.
 
@@ -96,6 +97,13 @@ class Scheduler:
         self.max_num_batch_seqs = max(1, int(max_num_seqs * self.policy.max_batch_share))
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
+        # Start-time fair queueing inside each class: a tenant's next request is tagged
+        # after both its own last one and the class's virtual time (the tag of the newest
+        # request started), so a tenant with 10,000 queued requests does not push another
+        # tenant's new one behind all of them; with one tenant this is first come, first
+        # served.
+        self._last_tag: dict[tuple[Priority, str], int] = {}
+        self._virtual_time: dict[Priority, int] = {}
         self.num_preemptions = 0
         # Batch tokens allowed in a step that also serves interactive work. Adjusted after
         # every such step: cut when the step ran past half the TTFT target, grown otherwise,
@@ -111,6 +119,10 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        if seq.fair_tag is None:
+            lane = (seq.priority, seq.tenant)
+            start = max(self._virtual_time.get(seq.priority, 0), self._last_tag.get(lane, 0))
+            seq.fair_tag = self._last_tag[lane] = start + 1
         keys = [s.sort_key for s in self.waiting]
         self.waiting.insert(bisect.bisect(keys, seq.sort_key), seq)
 
@@ -230,6 +242,8 @@ class Scheduler:
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            tag = seq.fair_tag or 0
+            self._virtual_time[seq.priority] = max(self._virtual_time.get(seq.priority, 0), tag)
             step.take(seq, num_new)
 
     def _has_slot(self, batch: bool) -> bool:

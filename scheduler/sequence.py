@@ -33,6 +33,7 @@ class Sequence:
         arrival_time_s: float,
         deadline_s: float | None = None,
         generator: torch.Generator | None = None,
+        tenant: str = "default",
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
@@ -45,6 +46,10 @@ class Sequence:
         self.arrival_time_s = arrival_time_s
         self.deadline_s = deadline_s
         self.generator = generator
+        self.tenant = tenant
+        # Its place among the waiting work of its class, fair across tenants (set by the
+        # scheduler on first admission, kept through preemptions).
+        self.fair_tag: int | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens: int = 0
@@ -73,9 +78,10 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        """Scheduling order: class first, then first come first served."""
-        return (int(self.priority), self.arrival_index)
+    def sort_key(self) -> tuple[int, int, int]:
+        """Scheduling order: class first, then turns fair across tenants (first come first
+        served for one tenant), then arrival."""
+        return (int(self.priority), self.fair_tag or 0, self.arrival_index)
 
     def __repr__(self) -> str:
         return (

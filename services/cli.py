@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "twolane.services.frontend",
     "twolane.services.http_front",
     "twolane.services.job_runner",
+    "twolane.services.keys_cli",
+    "twolane.services.status_cli",
 )
 
 
@@ -40,8 +42,20 @@ def version() -> str:
         return "unknown"
 
 
+# Commands that run as servers configure their own logging from their flags.
+SERVER_COMMANDS = frozenset(
+    {"serve", "worker", "gateway", "frontend", "http", "engine-core", "jobs"}
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in SERVER_COMMANDS:
+        # A command run by hand says what went wrong in its own words; library chatter
+        # (a retried connection, say) stays out of its output.
+        from twolane.services.logging import configure_logging
+
+        configure_logging(json=False, level="warning")
     return args.func(args)
 
 

@@ -63,6 +63,11 @@ class JobsConfig:
     nats_url: str = option(
         "", "NATS server URL; unset, `twolane serve` starts an embedded nats-server"
     )
+    nats_creds: str = option(
+        "",
+        "file with the NATS user and password to connect with, one per line (`twolane "
+        "serve` writes the services' own when auth is on)",
+    )
     data_dir: str = field(
         default_factory=default_data_dir,
         metadata={
@@ -100,12 +105,22 @@ class JobsConfig:
         "CPU to the processes serving interactive calls (0 keeps the same priority)",
         flag="job-niceness",
     )
+    tenant_max_queued_jobs: int = option(
+        10_000,
+        "jobs one tenant may have queued (with auth on), so that no tenant fills the shared queue",
+        flag="job-tenant-max-queued",
+    )
     fail_prompt_prefix: str = field(
         default_factory=lambda: os.environ.get("TWOLANE_FAULT_FAIL_PROMPT_PREFIX", "")
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_queued_jobs", "max_queued_bytes", "max_deliver"):
+        for name in (
+            "max_queued_jobs",
+            "max_queued_bytes",
+            "max_deliver",
+            "tenant_max_queued_jobs",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("result_ttl_s", "record_ttl_s", "ack_wait_s"):
@@ -131,6 +146,42 @@ class ListenConfig:
         _check_port("port", self.port)
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may call, over what, and what the logs keep (see README, "Security")."""
+
+    api_keys: str = option(
+        "", "keys file (from `twolane keys create`); set, every call needs a key"
+    )
+    tls_cert: str = option("", "PEM certificate: serve TLS only, with --tls-key")
+    tls_key: str = option("", "PEM private key of --tls-cert")
+    tls_client_ca: str = option(
+        "", "PEM CA bundle: require client certificates it signed (mutual TLS)"
+    )
+    log_prompts: bool = option(False, "put prompts and outputs in the log (off: never)")
+    audit_log: str = option(
+        "",
+        "JSON-lines audit log of submits, cancels and result reads; default <data-dir>/audit.log",
+    )
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        for name in ("api_keys", "tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
+
+    @property
+    def auth_on(self) -> bool:
+        return bool(self.api_keys)
+
+    def audit_path(self, data_dir: str) -> Path:
+        return Path(self.audit_log) if self.audit_log else Path(data_dir) / "audit.log"
 
 
 @dataclass(frozen=True)
@@ -179,8 +230,12 @@ class FrontendProcessConfig:
 
     listen: ListenConfig = field(default_factory=ListenConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
     child: ChildConfig = field(default_factory=ChildConfig)
+    api_server_count: int = option(
+        1, "gRPC frontend processes sharing the port, all clients of one engine core"
+    )
     reuse_port: bool = option(
         False,
         "share the port with the other frontends of one `twolane serve` (SO_REUSEPORT); "
@@ -202,6 +257,7 @@ class HttpProcessConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
     child: ChildConfig = field(default_factory=ChildConfig)
     reuse_port: bool = option(
@@ -224,6 +280,7 @@ class JobRunnerProcessConfig:
     """`twolane jobs`: the JetStream consumer that feeds the engine core batch work."""
 
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
     child: ChildConfig = field(default_factory=ChildConfig)
     grace_period_s: float = option(
@@ -244,6 +301,7 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     metrics_port: int = option(

@@ -93,7 +93,7 @@ def stream_response(
     return message
 
 
-def stats_response(stats: EngineStats) -> inference_pb2.GetStatsResponse:
+def stats_response(stats: EngineStats, model_name: str = "") -> inference_pb2.GetStatsResponse:
     """GetStats reply from the engine's EngineStats."""
     return inference_pb2.GetStatsResponse(
         num_running=stats.num_running,
@@ -103,4 +103,11 @@ def stats_response(stats: EngineStats) -> inference_pb2.GetStatsResponse:
         num_total_blocks=stats.num_total_blocks,
         prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
         num_preemptions=stats.num_preemptions,
+        model_name=model_name,
+        num_running_interactive=stats.num_running - stats.num_running_batch,
+        num_waiting_interactive=stats.num_waiting_interactive,
+        num_running_batch=stats.num_running_batch,
+        num_waiting_batch=stats.num_waiting_batch,
+        num_workers=1,
+        num_steps=stats.num_steps,
     )

@@ -60,6 +60,15 @@ class ResourceExhaustedError(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class RateLimitedError(ResourceExhaustedError):
+    """Over a quota or a queue bound; `retry_after_s` says when trying again can work
+    (sent as google.rpc.RetryInfo)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UnavailableError(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -15,22 +15,28 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import structlog
 
 from twolane.scheduler.config import option
-from twolane.services import jobs, options
+from twolane.services import jobs, options, tracing
+from twolane.services.auth import current_principal
+from twolane.services.availability import Availability
+from twolane.services.call import REQUEST_ID_KEY, current_request_id
 from twolane.services.config import (
     NATS_URL_REQUIRED_HELP,
     NO_EMBEDDED_NATS,
     JobsConfig,
     ListenConfig,
     LogConfig,
+    SecurityConfig,
 )
-from twolane.services.errors import NotConfiguredError
+from twolane.services.errors import NotConfiguredError, UnavailableError
 from twolane.services.grpc_server import start_grpc_server
 from twolane.services.jobs import JobService
+from twolane.services.keys import KeyStore
 from twolane.services.process import run_process, stop_event
 from twolane.services.status import grpc_errors
 from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
@@ -68,6 +74,7 @@ class GatewayConfig:
         env="TWOLANE_WORKERS",
     )
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
@@ -86,12 +93,28 @@ async def run_gateway(config: GatewayConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and stop."""
     stop = stop_event()
     async with contextlib.AsyncExitStack() as stack:
+        nats_availability = Availability()
         _, store = await jobs.start_job_store(
-            stack, config.jobs, jobs.shape_validator, name="twolane-gateway"
+            stack,
+            config.jobs,
+            jobs.shape_validator,
+            name="twolane-gateway",
+            stop=stop,
+            availability=nats_availability,
         )
         servicer = GatewayServicer(config.workers, store)
         stack.push_async_callback(servicer.close)
-        await start_grpc_server(stack, servicer, config.listen, workers=list(config.workers))
+        security = config.security
+        keys = KeyStore(Path(security.api_keys)) if security.auth_on else None
+        await start_grpc_server(
+            stack,
+            servicer,
+            config.listen,
+            security=security,
+            keys=keys,
+            jobs_availability=nats_availability,
+            workers=list(config.workers),
+        )
         await stop.wait()
         log.info("draining", grace_period_s=config.listen.grace_period_s)
     log.info("stopped")
@@ -145,7 +168,9 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
         order = self._order()
         for n, worker in enumerate(order):
             try:
-                return await self._stubs[worker].Generate(request, timeout=_timeout_s(context))
+                return await self._stubs[worker].Generate(
+                    request, timeout=_timeout_s(context), metadata=_forwarded(context)
+                )
             except grpc.aio.AioRpcError as err:
                 if not self._skip(err, worker, n == len(order) - 1):
                     await _relay(context, err)
@@ -158,7 +183,9 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         order = self._order()
         for n, worker in enumerate(order):
-            call = self._stubs[worker].GenerateStream(request, timeout=_timeout_s(context))
+            call = self._stubs[worker].GenerateStream(
+                request, timeout=_timeout_s(context), metadata=_forwarded(context)
+            )
             relayed_any = False
             try:
                 async for chunk in call:
@@ -181,7 +208,10 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
         mean (the workers do not report how many tokens each rate covers)."""
         self._require_workers()
         replies = await asyncio.gather(
-            *(stub.GetStats(request, timeout=_timeout_s(context)) for stub in self._stubs),
+            *(
+                stub.GetStats(request, timeout=_timeout_s(context), metadata=_forwarded(context))
+                for stub in self._stubs
+            ),
             return_exceptions=True,
         )
         stats = [r for r in replies if isinstance(r, inference_pb2.GetStatsResponse)]
@@ -190,35 +220,47 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if isinstance(reply, grpc.aio.AioRpcError):
                     await _relay(context, reply)
                 raise reply
-        total = inference_pb2.GetStatsResponse()
+        total = inference_pb2.GetStatsResponse(model_name=stats[0].model_name)
+        summed = (
+            "num_running",
+            "num_waiting",
+            "num_free_blocks",
+            "num_used_blocks",
+            "num_total_blocks",
+            "num_preemptions",
+            "num_running_interactive",
+            "num_waiting_interactive",
+            "num_running_batch",
+            "num_waiting_batch",
+            "num_steps",
+        )
         for worker in stats:
-            total.num_running += worker.num_running
-            total.num_waiting += worker.num_waiting
-            total.num_free_blocks += worker.num_free_blocks
-            total.num_used_blocks += worker.num_used_blocks
-            total.num_total_blocks += worker.num_total_blocks
-            total.num_preemptions += worker.num_preemptions
+            for name in summed:
+                setattr(total, name, getattr(total, name) + getattr(worker, name))
         total.prefix_cache_hit_rate = sum(w.prefix_cache_hit_rate for w in stats) / len(stats)
-        total.model = ",".join(sorted({w.model for w in stats}))
+        total.num_workers = len(stats)
+        # The backlog is the shared queue's: the gateway reads it itself.
+        with contextlib.suppress(UnavailableError):
+            await self._jobs.fill_backlog(total)
         return total
 
     @grpc_errors
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        return await self._jobs.submit_job(request)
+        return await self._jobs.submit_job(request, current_principal().tenant)
 
     @grpc_errors
     async def GetResult(
         self, request: jobs_pb2.GetResultRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.GetResultResponse:
-        return await self._jobs.get_result(request)
+        return await self._jobs.get_result(request, current_principal().tenant)
 
     @grpc_errors
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.CancelJobResponse:
-        return await self._jobs.cancel_job(request)
+        return await self._jobs.cancel_job(request, current_principal().tenant)
 
 
 async def _relay(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
@@ -229,6 +271,17 @@ async def _relay(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -
         if key == "grpc-status-details-bin"
     )
     await context.abort(err.code(), err.details() or "", trailers)
+
+
+def _forwarded(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """What the worker gets of the call: the caller's key (it checks the same keys), the
+    request id, and the trace context with the gateway's span as the parent."""
+    key = tuple(
+        (k, v)
+        for k, v in context.invocation_metadata() or ()
+        if k == "authorization" and isinstance(v, str)
+    )
+    return (*key, (REQUEST_ID_KEY, current_request_id()), *tracing.inject().items())
 
 
 def _timeout_s(context: grpc.aio.ServicerContext) -> float | None:

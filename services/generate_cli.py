@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from twolane.services.config import DEFAULT_PORT, env_default
+from twolane.services.channel import Connection, add_connection_args
 from twolane.v1 import generate_pb2, inference_pb2_grpc
 
 CHAT_HELP = "a conversation: type a message, Enter sends it; /reset starts over, Ctrl-D quits"
@@ -54,11 +54,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off")
     add("--seed", type=int, default=None, help="makes sampling reproducible")
     add("--stop", action="append", default=[], help="stop string (repeatable)")
-    add(
-        "--target",
-        default=env_default("TWOLANE_TARGET", f"127.0.0.1:{DEFAULT_PORT}"),
-        help="server address HOST:PORT (env TWOLANE_TARGET)",
-    )
+    add_connection_args(parser)
     add("--timeout", type=float, default=120.0, help="deadline of each call, in seconds")
 
 
@@ -87,7 +83,7 @@ def generate_main(args: argparse.Namespace) -> int:
         ]
     else:
         fields["prompt"] = args.prompt
-    with grpc.insecure_channel(args.target) as channel:
+    with Connection.from_args(args).channel() as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         try:
             if args.stream and not args.json:
@@ -120,7 +116,7 @@ def chat_main(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     history = _opening(args)
     print(f"# {CHAT_HELP}", file=sys.stderr)
-    with grpc.insecure_channel(args.target) as channel:
+    with Connection.from_args(args).channel() as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         while True:
             try:

@@ -7,6 +7,7 @@ typed error the status mapping turns into a precise gRPC code.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from twolane.scheduler.client import EngineClient
 from twolane.scheduler.errors import QueueFullError
 from twolane.scheduler.protocol import TokenOutput
 from twolane.scheduler.request import ErrorCode, FinishReason, Priority
+from twolane.services import tracing
 from twolane.services.errors import (
     RequestAbortedError,
     RequestDeadlineError,
@@ -54,6 +56,7 @@ async def generate(
     priority: Priority,
     deadline_s: float | None,
     stream: bool = True,
+    tenant: str = "default",
 ) -> AsyncIterator[RequestOutput]:
     """Run `valid` on the engine and yield its updates; the last one has `finished`.
 
@@ -73,6 +76,7 @@ async def generate(
         priority=priority,
         deadline_s=deadline_s,
         stream=stream or bool(params.stop),
+        tenant=tenant,
     )
     text = TextAssembler(tokenizer, valid.prompt_token_ids, params.stop)
     num_output_tokens = 0
@@ -118,3 +122,20 @@ def _raise_for_finish(request_id: str, out: TokenOutput) -> None:
     if code in (ErrorCode.ENGINE_DEAD, ErrorCode.ENGINE_STOPPING):
         raise UnavailableError(f"the engine is unavailable: {out.error}")
     raise RequestFailedError(f"the engine failed on request {request_id}: {out.error}")
+
+
+def trace_phases(final: RequestOutput, arrival_s: float) -> None:
+    """A finished request's time in the engine as child spans of the current one: waiting
+    for a step, prefill (to the first token) and decode, from the times the core reported."""
+    now_s = time.monotonic()
+    scheduled_s = arrival_s + final.queue_time_s
+    first_token_s = arrival_s + (final.ttft_s if final.ttft_s is not None else now_s - arrival_s)
+    tracing.past_span("queue", arrival_s, scheduled_s)
+    tracing.past_span(
+        "prefill",
+        scheduled_s,
+        first_token_s,
+        prompt_tokens=final.num_prompt_tokens,
+        cached_tokens=final.num_cached_tokens,
+    )
+    tracing.past_span("decode", first_token_s, now_s, completion_tokens=final.num_output_tokens)

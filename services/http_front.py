@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from twolane.scheduler.client import EngineClient
+from twolane.scheduler.config import served_model_name
 from twolane.scheduler.protocol import EngineAddress
 from twolane.services import batch_store, jobs, options
 from twolane.services.batch_api import BatchAPI
@@ -30,7 +31,7 @@ from twolane.services.batch_runner import BatchRunner
 from twolane.services.config import HttpProcessConfig
 from twolane.services.loop_lag import watch_loop_lag
 from twolane.services.openai_api import CompletionsAPI, not_found
-from twolane.services.openai_format import Reply, default_model_name, response_body
+from twolane.services.openai_format import Reply, response_body
 from twolane.services.openai_schema import CHAT_COMPLETIONS
 from twolane.services.process import run_process, settle_heap, signal_ready, stop_event
 from twolane.services.prompts import ModelPrompts
@@ -79,7 +80,7 @@ async def run_http_front(config: HttpProcessConfig) -> None:
             files, batches = await batch_store.open_stores(nc.jetstream(), config.jobs)
         except Exception as exc:
             raise OSError(f"cannot set up the Batch API's JetStream stores: {exc}") from exc
-        model_name = config.http.served_model_name or default_model_name(info.model)
+        model_name = config.http.served_model_name or served_model_name(info.model)
         api = CompletionsAPI(engine, prompts, model_name)
 
         def render(

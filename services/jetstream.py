@@ -47,8 +47,21 @@ CANCEL_SUBJECT_PREFIX = "twolane.control.cancel"
 _STREAM_NAME_IN_USE = 10058
 
 
-def job_subject(tier: str) -> str:
-    return f"twolane.jobs.{tier}"
+Lane = tuple[str, str]  # (tier, tenant): one pull consumer of TWOLANE_JOBS
+
+
+def job_subject(tier: str, tenant: str = DEFAULT_TENANT) -> str:
+    """`twolane.jobs.<tier>`, and `twolane.jobs.<tier>.<tenant>` for other tenants than
+    the default: each tenant's jobs have consumers of their own, so that workers can take
+    turns across tenants instead of draining one tenant's backlog first."""
+    return f"twolane.jobs.{tier}" if tenant == DEFAULT_TENANT else f"twolane.jobs.{tier}.{tenant}"
+
+
+def lane_of_subject(subject: str) -> Lane | None:
+    parts = subject.split(".")
+    if len(parts) not in (3, 4) or parts[:2] != ["twolane", "jobs"] or parts[2] not in TIERS:
+        return None
+    return (parts[2], parts[3] if len(parts) == 4 else DEFAULT_TENANT)
 
 
 def result_subject(tenant: str, job_id: str) -> str:
@@ -63,8 +76,19 @@ def cancel_subject(job_id: str) -> str:
     return f"{CANCEL_SUBJECT_PREFIX}.{job_id}"
 
 
-def consumer_name(tier: str) -> str:
-    return f"twolane-jobs-{tier}"
+def consumer_name(tier: str, tenant: str = DEFAULT_TENANT) -> str:
+    base = f"twolane-jobs-{tier}"
+    return base if tenant == DEFAULT_TENANT else f"{base}-{tenant}"
+
+
+def lane_of_consumer(name: str) -> Lane | None:
+    for tier in TIERS:
+        base = consumer_name(tier)
+        if name == base:
+            return (tier, DEFAULT_TENANT)
+        if name.startswith(base + "-"):
+            return (tier, name[len(base) + 1 :])
+    return None
 
 
 def idempotency_key_hash(tenant: str, key: str) -> str:
@@ -102,6 +126,8 @@ def streams(config: JobsConfig) -> list[api.StreamConfig]:
             discard=api.DiscardPolicy.OLD,
             max_age=config.result_ttl_s,
             duplicate_window=min(RESULTS_DUPLICATE_WINDOW_S, config.result_ttl_s),
+            # Direct gets by subject: how a tenant reads its own events (see nats_auth.py).
+            allow_direct=True,
             num_replicas=1,
         ),
         api.StreamConfig(
@@ -118,12 +144,12 @@ def streams(config: JobsConfig) -> list[api.StreamConfig]:
     ]
 
 
-def consumer(config: JobsConfig, tier: str) -> api.ConsumerConfig:
+def consumer(config: JobsConfig, tier: str, tenant: str = DEFAULT_TENANT) -> api.ConsumerConfig:
     return api.ConsumerConfig(
-        name=consumer_name(tier),
-        durable_name=consumer_name(tier),
-        description=f"workers pull {tier} jobs",
-        filter_subject=job_subject(tier),
+        name=consumer_name(tier, tenant),
+        durable_name=consumer_name(tier, tenant),
+        description=f"workers pull {tier} jobs of tenant {tenant}",
+        filter_subject=job_subject(tier, tenant),
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=config.ack_wait_s,
@@ -159,6 +185,12 @@ async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
         if exc.err_code != _STREAM_NAME_IN_USE:
             raise
         await js.update_stream(config)
+
+
+async def ensure_tenant_consumers(js: JetStreamContext, config: JobsConfig, tenant: str) -> None:
+    """The job consumers of a tenant (idempotent: add_consumer updates an existing one)."""
+    for tier in TIERS:
+        await js.add_consumer(JOBS_STREAM, consumer(config, tier, tenant))
 
 
 async def ensure_layout(js: JetStreamContext, config: JobsConfig) -> Buckets:

@@ -30,15 +30,16 @@ from tqdm import tqdm
 
 from twolane.services import jetstream
 from twolane.services.batch_lines import BadLine, GoodLine, parse_lines
-from twolane.services.config import DEFAULT_PORT, default_data_dir, env_default
+from twolane.services.channel import Connection, add_connection_args
+from twolane.services.config import default_data_dir, env_default
 from twolane.services.generate_cli import describe_error
+from twolane.services.jobs import NATS_CONNECT_TIMEOUT_S, connect
 from twolane.services.nats_embedded import read_url_file
 from twolane.services.openai_format import (
     Reply,
     batch_refused_line,
     batch_result_line,
     batch_unrun_line,
-    default_model_name,
     error_body,
     response_body,
 )
@@ -143,14 +144,15 @@ def _add_nats(parser: argparse.ArgumentParser) -> None:
         default=env_default("TWOLANE_DATA_DIR", default_data_dir()),
         help="the server's data dir, where it writes nats.url (env TWOLANE_DATA_DIR)",
     )
+    parser.add_argument(
+        "--nats-creds",
+        default=env_default("TWOLANE_NATS_CREDS", ""),
+        help="file with a NATS user and password, one per line (twolane nats-creds)",
+    )
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--target",
-        default=env_default("TWOLANE_TARGET", f"127.0.0.1:{DEFAULT_PORT}"),
-        help="server address HOST:PORT (env TWOLANE_TARGET)",
-    )
+    add_connection_args(parser)
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +179,9 @@ def submit_main(args: argparse.Namespace) -> int:
     )
     if args.deadline is not None:
         request.deadline.FromNanoseconds(time.time_ns() + int(args.deadline * 1e9))
-    response = _call_once(args.target, lambda stub: stub.SubmitJob(request, timeout=RPC_TIMEOUT_S))
+    response = _call_once(
+        Connection.from_args(args), lambda stub: stub.SubmitJob(request, timeout=RPC_TIMEOUT_S)
+    )
     if response is None:
         return 1
     print(response.job_id)
@@ -186,7 +190,9 @@ def submit_main(args: argparse.Namespace) -> int:
 
 def result_main(args: argparse.Namespace) -> int:
     request = jobs_pb2.GetResultRequest(job_id=args.job_id)
-    response = _call_once(args.target, lambda stub: stub.GetResult(request, timeout=RPC_TIMEOUT_S))
+    response = _call_once(
+        Connection.from_args(args), lambda stub: stub.GetResult(request, timeout=RPC_TIMEOUT_S)
+    )
     if response is None:
         return 1
     print(_to_json(response))
@@ -195,7 +201,9 @@ def result_main(args: argparse.Namespace) -> int:
 
 def cancel_main(args: argparse.Namespace) -> int:
     request = jobs_pb2.CancelJobRequest(job_id=args.job_id)
-    response = _call_once(args.target, lambda stub: stub.CancelJob(request, timeout=RPC_TIMEOUT_S))
+    response = _call_once(
+        Connection.from_args(args), lambda stub: stub.CancelJob(request, timeout=RPC_TIMEOUT_S)
+    )
     if response is None:
         return 1
     print(_to_json(response))
@@ -203,10 +211,10 @@ def cancel_main(args: argparse.Namespace) -> int:
 
 
 def _call_once(
-    target: str, call: Callable[[inference_pb2_grpc.InferenceServiceStub], R]
+    connection: Connection, call: Callable[[inference_pb2_grpc.InferenceServiceStub], R]
 ) -> R | None:
     """One RPC on a channel of its own; on failure, say why on stderr and return None."""
-    with grpc.insecure_channel(target) as channel:
+    with connection.channel() as channel:
         try:
             return call(inference_pb2_grpc.InferenceServiceStub(channel))
         except grpc.RpcError as err:
@@ -238,10 +246,12 @@ def watch_main(args: argparse.Namespace) -> int:
     if url is None:
         return 2
     try:
-        event = asyncio.run(watch(url, args.tenant, args.job_id, args.timeout))
+        event = asyncio.run(watch(url, args.tenant, args.job_id, args.timeout, args.nats_creds))
     except (OSError, nats.errors.Error) as exc:
-        print(f"twolane watch: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        print(f"twolane watch: {exc}{_nats_hint(args)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     if event is None:
         print(f"twolane watch: no event for job {args.job_id} in time", file=sys.stderr)
         return 1
@@ -249,27 +259,42 @@ def watch_main(args: argparse.Namespace) -> int:
     return 0 if event.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1
 
 
+def _nats_hint(args: argparse.Namespace) -> str:
+    if args.nats_url:
+        return ""
+    return f" (the URL {args.data_dir}/nats.url names; is `twolane serve` running?)"
+
+
 async def watch(
-    url: str, tenant: str, job_id: str, timeout_s: float | None
+    url: str, tenant: str, job_id: str, timeout_s: float | None, creds: str = ""
 ) -> jobs_pb2.JobEvent | None:
-    """The job's completion event: the stored one if it is out, else the next one."""
+    """The job's completion event: the stored one if it is out, else the next one.
+
+    Raises:
+        OSError: NATS cannot be reached (within `timeout_s`, at most NATS_CONNECT_TIMEOUT_S).
+    """
     subject = jetstream.result_subject(tenant, job_id)
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=-1)
+    connect_s = min(timeout_s or NATS_CONNECT_TIMEOUT_S, NATS_CONNECT_TIMEOUT_S)
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await connect(stack, url, "twolane-watch", creds, timeout_s=connect_s)
+        return await _wait_for_event(nc, subject, timeout_s)
+
+
+async def _wait_for_event(
+    nc: nats.aio.client.Client, subject: str, timeout_s: float | None
+) -> jobs_pb2.JobEvent | None:
+    # Subscribe before looking back, so an event published in between is not missed.
+    sub = await nc.subscribe(subject, max_msgs=1)
     try:
-        # Subscribe before looking back, so an event published in between is not missed.
-        sub = await nc.subscribe(subject, max_msgs=1)
-        try:
-            stored = await nc.jetstream().get_last_msg(jetstream.RESULTS_STREAM, subject)
-            return jobs_pb2.JobEvent.FromString(stored.data)
-        except nats.js.errors.NotFoundError:
-            pass
-        try:
-            msg = await sub.next_msg(timeout=timeout_s or 365 * 24 * 3600.0)
-        except nats.errors.TimeoutError:
-            return None
-        return jobs_pb2.JobEvent.FromString(msg.data)
-    finally:
-        await nc.close()
+        stored = await nc.jetstream().get_last_msg(jetstream.RESULTS_STREAM, subject)
+        return jobs_pb2.JobEvent.FromString(stored.data)
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        msg = await sub.next_msg(timeout=timeout_s or 365 * 24 * 3600.0)
+    except nats.errors.TimeoutError:
+        return None
+    return jobs_pb2.JobEvent.FromString(msg.data)
 
 
 # ---- batch --------------------------------------------------------------------------
@@ -308,8 +333,10 @@ def batch_main(args: argparse.Namespace) -> int:
         print(f"twolane batch: {exc}", file=sys.stderr)
         return 1
     except (OSError, nats.errors.Error) as exc:
-        print(f"twolane batch: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        print(f"twolane batch: {exc}{_nats_hint(args)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     _write_jsonl(args.output, outcome.results)
     if outcome.errors:
         _write_jsonl(errors_path, outcome.errors)
@@ -362,20 +389,18 @@ async def run_batch(args: argparse.Namespace, url: str, lines: list[GoodLine]) -
             events[event.job_id] = event
             arrived.set()
 
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=-1)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await connect(stack, url, "twolane-batch", args.nats_creds)
         # Subscribed before submitting, so no event is missed.
         await nc.subscribe(jetstream.result_subject(args.tenant, "*"), cb=on_event)
-        async with grpc.aio.insecure_channel(args.target) as channel:
+        async with Connection.from_args(args).aio_channel() as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             stats = await stub.GetStats(inference_pb2.GetStatsRequest(), timeout=RPC_TIMEOUT_S)
             outcome = BatchOutcome()
-            submitted = await _submit_all(stub, stats.model, args.tier, lines, outcome)
+            submitted = await _submit_all(stub, stats.model_name, args.tier, lines, outcome)
         await _wait_for_events(nc, args, submitted, events, arrived)
-    finally:
-        await nc.close()
     for line, job_id in submitted:
-        outcome_line(outcome, line, events[job_id], stats.model)
+        outcome_line(outcome, line, events[job_id], stats.model_name)
     return outcome
 
 
@@ -470,7 +495,7 @@ def outcome_line(
         reply = Reply(
             id=("chatcmpl-" if line.endpoint == CHAT_COMPLETIONS else "cmpl-") + job_id,
             endpoint=line.endpoint,
-            model=default_model_name(model) if model else "twolane",
+            model=model or "twolane",
             created=int(event.finished_at.seconds or time.time()),
             logprobs=line.request.params.logprobs,
             return_token_ids=line.return_token_ids,

@@ -22,16 +22,19 @@ from google.protobuf import message as protobuf_message
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NATS
 
-from twolane.services import jetstream
+from twolane.services import jetstream, tracing
+from twolane.services.availability import Availability
+from twolane.services.config import JobsConfig
 from twolane.services.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    RateLimitedError,
     ResourceExhaustedError,
     UnavailableError,
 )
 from twolane.services.jetstream import DEFAULT_TENANT, Buckets
-from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
+from twolane.v1 import generate_pb2, inference_pb2, job_record_pb2, jobs_pb2
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +54,7 @@ TIER_NAMES = {
 MAX_KEY_CHARS = 256
 _STORE_FULL = 10077  # JSStreamStoreFailedF: the stream's max_msgs or max_bytes is reached
 _MAX_UPDATE_TRIES = 16
+TENANT_QUEUE_RETRY_S = 30.0
 
 Validator = Callable[[generate_pb2.GenerateRequest], None]
 
@@ -78,14 +82,21 @@ class StoredRecord:
 
 
 @contextlib.asynccontextmanager
-async def nats_errors() -> AsyncIterator[None]:
-    """NATS being away is the caller's UNAVAILABLE, never an INTERNAL error."""
+async def nats_errors(availability: Availability | None = None) -> AsyncIterator[None]:
+    """NATS being away is the caller's UNAVAILABLE, never an INTERNAL error (and, with
+    `availability`, the process's Jobs health turns NOT_SERVING until NATS answers)."""
     try:
         yield
     except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+        if availability is not None:
+            availability.set(False)
         raise UnavailableError(f"the job queue is unavailable: {exc}") from exc
     except nats.errors.NoRespondersError as exc:
+        if availability is not None:
+            availability.set(False)
         raise UnavailableError("the job queue is unavailable: JetStream did not answer") from exc
+    if availability is not None:
+        availability.set(True)
 
 
 class JobStore:
@@ -99,11 +110,24 @@ class JobStore:
             so it checks the message's shape only and the worker does the rest.
     """
 
-    def __init__(self, nc: NATS, buckets: Buckets, validate: Validator) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        buckets: Buckets,
+        validate: Validator,
+        config: JobsConfig | None = None,
+        tenant_max_queued: int | None = None,
+        availability: Availability | None = None,
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.buckets = buckets
         self._validate = validate
+        self._config = config or JobsConfig()
+        # With auth on, each tenant may queue this many jobs (None: no per-tenant cap).
+        self._tenant_max_queued = tenant_max_queued
+        self._tenants_with_consumers = {DEFAULT_TENANT}
+        self._availability = availability
 
     # ---- the JobService API ----------------------------------------------------
 
@@ -113,7 +137,13 @@ class JobStore:
         self._check_submission(request)
         if not request.tier:
             request = _with_tier(request, jobs_pb2.JOB_TIER_STANDARD)
-        async with nats_errors():
+        with tracing.tracer.start_as_current_span("job.submit"):
+            return await self._submit(request, tenant)
+
+    async def _submit(
+        self, request: jobs_pb2.SubmitJobRequest, tenant: str
+    ) -> jobs_pb2.SubmitJobResponse:
+        async with nats_errors(self._availability):
             job_id = secrets.token_hex(16)
             if request.idempotency_key:
                 key = jetstream.idempotency_key_hash(tenant, request.idempotency_key)
@@ -121,6 +151,7 @@ class JobStore:
                     await self.buckets.idempotency.create(key, job_id.encode())
                 except nats.js.errors.KeyWrongLastSequenceError:
                     return await self._existing_job(key, request, tenant)
+            await self._check_tenant_queue(tenant)
             record = queued_record(job_id, tenant, request)
             await self.buckets.jobs.create(job_id, record.SerializeToString())
             try:
@@ -134,7 +165,7 @@ class JobStore:
     async def get_result(
         self, request: jobs_pb2.GetResultRequest, tenant: str = DEFAULT_TENANT
     ) -> jobs_pb2.GetResultResponse:
-        async with nats_errors():
+        async with nats_errors(self._availability):
             stored = await self._require(request.job_id, tenant)
             record = stored.record
             response = jobs_pb2.GetResultResponse(
@@ -160,7 +191,7 @@ class JobStore:
     async def cancel_job(
         self, request: jobs_pb2.CancelJobRequest, tenant: str = DEFAULT_TENANT
     ) -> jobs_pb2.CancelJobResponse:
-        async with nats_errors():
+        async with nats_errors(self._availability):
             await self._require(request.job_id, tenant)
 
             def cancel(record: job_record_pb2.JobRecord) -> bool:
@@ -266,12 +297,15 @@ class JobStore:
             result = await self.read_result(record.job_id)
             if result is not None:
                 event.result.CopyFrom(result)
-        await self.js.publish(
-            jetstream.result_subject(record.tenant, record.job_id),
-            event.SerializeToString(),
-            stream=jetstream.RESULTS_STREAM,
-            headers={jetstream.MSG_ID_HEADER: record.job_id},
-        )
+        # In the job's own trace, whoever publishes (the worker, or a canceller).
+        parent = tracing.context_from_headers(_trace_headers(record))
+        with tracing.tracer.start_as_current_span("job.event_publish", context=parent):
+            await self.js.publish(
+                jetstream.result_subject(record.tenant, record.job_id),
+                event.SerializeToString(),
+                stream=jetstream.RESULTS_STREAM,
+                headers=tracing.inject({jetstream.MSG_ID_HEADER: record.job_id}),
+            )
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -297,14 +331,53 @@ class JobStore:
         if violations:
             raise InvalidArgumentError(violations)
 
+    async def fill_backlog(self, reply: inference_pb2.GetStatsResponse) -> None:
+        """The queue's figures for GetStats: jobs per tier waiting and running, dead letters.
+
+        Raises:
+            UnavailableError: NATS does not answer.
+        """
+        queued: dict[str, int] = dict.fromkeys(jetstream.TIERS, 0)
+        running = dict(queued)
+        async with nats_errors(self._availability):
+            for info in await self.js.consumers_info(jetstream.JOBS_STREAM):
+                lane = jetstream.lane_of_consumer(info.name)
+                if lane is not None:
+                    queued[lane[0]] += info.num_pending
+                    running[lane[0]] += info.num_ack_pending
+            dlq = await self.js.stream_info(jetstream.DLQ_STREAM)
+        for tier in jetstream.TIERS:
+            reply.backlog.add(tier=tier, num_queued=queued[tier], num_running=running[tier])
+        reply.num_dead_letters = dlq.state.messages
+
+    async def _check_tenant_queue(self, tenant: str) -> None:
+        """Refuse a job past the tenant's queue cap: one tenant must not fill the shared
+        queue (every tenant's jobs share TWOLANE_JOBS and its limits)."""
+        if self._tenant_max_queued is None:
+            return
+        subjects = {jetstream.job_subject(tier, tenant) for tier in jetstream.TIERS}
+        info = await self.js.stream_info(
+            jetstream.JOBS_STREAM, subjects_filter=jetstream.job_subject("*", tenant)
+        )
+        num_queued = sum(n for s, n in (info.state.subjects or {}).items() if s in subjects)
+        if num_queued >= self._tenant_max_queued:
+            raise RateLimitedError(
+                f"tenant {tenant!r} has {num_queued} jobs queued, its limit; "
+                "retry when some have run",
+                retry_after_s=TENANT_QUEUE_RETRY_S,
+            )
+
     async def _enqueue(self, record: job_record_pb2.JobRecord) -> None:
         ticket = job_record_pb2.JobTicket(job_id=record.job_id, tenant=record.tenant)
+        if record.tenant not in self._tenants_with_consumers:
+            await jetstream.ensure_tenant_consumers(self.js, self._config, record.tenant)
+            self._tenants_with_consumers.add(record.tenant)
         try:
             await self.js.publish(
-                jetstream.job_subject(tier_name(record.submission.tier)),
+                jetstream.job_subject(tier_name(record.submission.tier), record.tenant),
                 ticket.SerializeToString(),
                 stream=jetstream.JOBS_STREAM,
-                headers={jetstream.MSG_ID_HEADER: record.job_id},
+                headers={jetstream.MSG_ID_HEADER: record.job_id, **_trace_headers(record)},
             )
         except nats.js.errors.APIError as exc:
             if exc.err_code == _STORE_FULL:
@@ -373,6 +446,10 @@ def parse_ticket(data: bytes) -> job_record_pb2.JobTicket | None:
     return ticket if _is_job_id(ticket.job_id) else None
 
 
+def _trace_headers(record: job_record_pb2.JobRecord) -> dict[str, str]:
+    return {"traceparent": record.traceparent} if record.traceparent else {}
+
+
 def queued_record(
     job_id: str, tenant: str, request: jobs_pb2.SubmitJobRequest
 ) -> job_record_pb2.JobRecord:
@@ -383,4 +460,5 @@ def queued_record(
         state=jobs_pb2.JOB_STATE_QUEUED,
         submission=request,
         created_at=now_timestamp(),
+        traceparent=tracing.inject().get("traceparent", ""),
     )

@@ -12,9 +12,11 @@ Per job, in this order: result (create-only), state, completion event, ack.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,7 @@ from nats.js import JetStreamContext
 
 from twolane.scheduler.errors import EngineStoppedError
 from twolane.scheduler.request import Priority
-from twolane.services import convert, jetstream
+from twolane.services import convert, jetstream, tracing
 from twolane.services.config import JobsConfig
 from twolane.services.errors import (
     InvalidArgumentError,
@@ -37,12 +39,15 @@ from twolane.services.errors import (
     RequestFailedError,
     UnavailableError,
 )
-from twolane.services.generation import RequestOutput, generate
+from twolane.services.generation import RequestOutput, generate, trace_phases
+from twolane.services.jetstream import Lane
+from twolane.services.job_metrics import JobMetrics
 from twolane.services.job_store import (
     TERMINAL_STATES,
     JobStore,
     now_timestamp,
     parse_ticket,
+    tier_name,
 )
 from twolane.services.validation import ModelLimits, validate_generate
 from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
@@ -54,6 +59,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 FETCH_TIMEOUT_S = 0.5
+# How often the worker looks for job consumers of tenants it has not seen yet.
+CONSUMER_REFRESH_S = 5.0
 IDLE_POLL_S = 1.0
 MAX_RETRY_BACKOFF_S = 60.0
 # JetStream announces here a message that ran out of deliveries without being settled.
@@ -85,6 +92,8 @@ class JobWorker:
         prompts: the engine's model's tokenizer and chat template.
         config: ack wait, deliveries, backoff, in-flight cap, fault injection.
         worker_id: names this worker in job records and logs.
+        tenant_limits: a tenant's limit of concurrent requests (0: none), with auth on.
+        metrics: where claims and endings are counted.
     """
 
     def __init__(
@@ -95,8 +104,11 @@ class JobWorker:
         prompts: ModelPrompts,
         config: JobsConfig,
         worker_id: str,
+        tenant_limits: Callable[[str], int] | None = None,
+        metrics: JobMetrics | None = None,
     ) -> None:
         assert engine.info is not None, "the engine client must be ready"
+        self.metrics = metrics
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.store = store
@@ -108,9 +120,13 @@ class JobWorker:
         self.config = config
         self.worker_id = worker_id
         self.max_inflight = config.max_batch_inflight or engine.info.max_num_seqs
-        self._subs: dict[str, JetStreamContext.PullSubscription] = {}
-        self._tasks: dict[asyncio.Task[None], str] = {}
-        self._num_inflight_by_tier = dict.fromkeys(jetstream.TIERS, 0)
+        # One pull consumer per tier and tenant (the default tenant's are the tier's own).
+        self._subs: dict[Lane, JetStreamContext.PullSubscription] = {}
+        self._tasks: dict[asyncio.Task[None], Lane] = {}
+        self._num_inflight: collections.Counter[Lane] = collections.Counter()
+        self._turn: dict[str, int] = collections.defaultdict(int)  # round robin, per tier
+        self._consumers_checked_s = 0.0
+        self._tenant_limits = tenant_limits or (lambda tenant: 0)
         self._running: dict[str, _Running] = {}
         # Room: set after an engine step or a finished job. Work: set by a new job.
         self._room_changed = asyncio.Event()
@@ -123,10 +139,7 @@ class JobWorker:
     # ---- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        for tier in jetstream.TIERS:
-            self._subs[tier] = await self.js.pull_subscribe_bind(
-                jetstream.consumer_name(tier), stream=jetstream.JOBS_STREAM
-            )
+        await self._bind_consumers()
         self._core_subs = [
             # A new job anywhere wakes the pull loop; no payload is read.
             await self.nc.subscribe("twolane.jobs.>", cb=self._on_new_job),
@@ -195,39 +208,83 @@ class JobWorker:
                 await _wait(self._work_arrived, IDLE_POLL_S)
 
     async def _pull(self, room: int) -> bool:
-        """Fetch up to `room` jobs from the highest tier that has any."""
+        """Fetch up to `room` jobs from the highest tier that has any, taking turns across
+        the tenants with jobs in that tier (and room under their concurrency limit)."""
+        if time.monotonic() - self._consumers_checked_s > CONSUMER_REFRESH_S:
+            await self._bind_consumers()
+        waiting = await self._waiting_lanes()
         for tier in jetstream.TIERS:
-            sub = self._subs[tier]
-            if not await self._may_have_jobs(tier, sub):
+            lanes = [lane for lane in waiting if lane[0] == tier and self._tenant_has_room(lane)]
+            if not lanes:
                 continue
-            try:
-                msgs = await sub.fetch(room, timeout=FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in msgs:
-                self._start(msg, tier)
-            return True
+            start = self._turn[tier] % len(lanes)
+            self._turn[tier] += 1
+            share = -(-room // len(lanes))  # each tenant's turn: an equal share of the room
+            pulled = False
+            for lane in lanes[start:] + lanes[:start]:
+                if room <= 0:
+                    break
+                try:
+                    msgs = await self._subs[lane].fetch(min(share, room), timeout=FETCH_TIMEOUT_S)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in msgs:
+                    self._start(msg, lane)
+                room -= len(msgs)
+                pulled = True
+            if pulled:
+                return True
         return False
 
-    async def _may_have_jobs(self, tier: str, sub: JetStreamContext.PullSubscription) -> bool:
-        """Ask before fetching, so an empty tier costs a round trip, not a fetch timeout."""
-        if sub.pending_msgs > 0:
-            return True
-        info = await sub.consumer_info()
-        # Unacked messages held by no one here are due for redelivery (a retry
-        # after backoff, or a job whose worker died).
-        others_unacked = info.num_ack_pending - self._num_inflight_by_tier[tier]
-        return info.num_pending > 0 or others_unacked > 0
+    async def _waiting_lanes(self) -> list[Lane]:
+        """The (tier, tenant) lanes whose subject holds messages no job here is running:
+        queued ones, or unacked ones due for redelivery (a retry after its backoff, a job
+        whose worker died). One stream query counts every subject at once."""
+        info = await self.js.stream_info(jetstream.JOBS_STREAM, subjects_filter="twolane.jobs.>")
+        lanes = []
+        for subject, count in (info.state.subjects or {}).items():
+            lane = jetstream.lane_of_subject(subject)
+            if lane is None:
+                continue
+            if lane not in self._subs:
+                self._consumers_checked_s = 0.0  # a new tenant: bind its consumers next time
+                continue
+            held_here = self._num_inflight[lane] + self._subs[lane].pending_msgs
+            if count > held_here or self._subs[lane].pending_msgs > 0:
+                lanes.append(lane)
+        return sorted(lanes)
 
-    def _start(self, msg: Msg, tier: str) -> None:
-        task = asyncio.create_task(self._run(msg, tier))
-        self._tasks[task] = tier
-        self._num_inflight_by_tier[tier] += 1
+    def _tenant_has_room(self, lane: Lane) -> bool:
+        """Whether the lane's tenant is under its limit of concurrent requests (interactive
+        ones and running jobs, as the engine core counts them)."""
+        limit = self._tenant_limits(lane[1])
+        if limit <= 0:
+            return True
+        held = self.engine.held_for_tenant(lane[1]) or 0
+        mine_not_started = sum(
+            n for (_, tenant), n in self._num_inflight.items() if tenant == lane[1]
+        )
+        return max(held, mine_not_started) < limit
+
+    async def _bind_consumers(self) -> None:
+        """A pull subscription for every job consumer on the stream (tenants come and go)."""
+        self._consumers_checked_s = time.monotonic()
+        for info in await self.js.consumers_info(jetstream.JOBS_STREAM):
+            lane = jetstream.lane_of_consumer(info.name)
+            if lane is not None and lane not in self._subs:
+                self._subs[lane] = await self.js.pull_subscribe_bind(
+                    info.name, stream=jetstream.JOBS_STREAM
+                )
+
+    def _start(self, msg: Msg, lane: Lane) -> None:
+        task = asyncio.create_task(self._run(msg, lane[0]))
+        self._tasks[task] = lane
+        self._num_inflight[lane] += 1
         task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
-        tier = self._tasks.pop(task)
-        self._num_inflight_by_tier[tier] -= 1
+        lane = self._tasks.pop(task)
+        self._num_inflight[lane] -= 1
         self._room_changed.set()
 
     async def _follow_load(self) -> None:
@@ -256,8 +313,11 @@ class JobWorker:
 
     async def _run(self, msg: Msg, tier: str) -> None:
         """Handle one message; whatever happens, it is acked, nacked or terminated."""
+        parent = tracing.context_from_headers(msg.headers)
         try:
-            await self._handle(msg, tier)
+            with tracing.tracer.start_as_current_span("job.run", context=parent) as span:
+                span.set_attribute("twolane.tier", tier)
+                await self._handle(msg, tier)
         except asyncio.CancelledError:
             # The worker is stopping: hand the job to another worker now.
             with contextlib.suppress(Exception):
@@ -275,6 +335,7 @@ class JobWorker:
             await msg.term()
             return
         job_id = ticket.job_id
+        structlog.contextvars.bind_contextvars(job_id=job_id, tenant=ticket.tenant)
         stored = await self.store.read(job_id)
         if stored is None:
             log.error("job message without a record terminated", job_id=job_id)
@@ -302,7 +363,12 @@ class JobWorker:
             record.attempts += 1
             return True
 
-        stored, claimed = await self.store.transition(job_id, claim, just_read=stored)
+        queued_since_ns = stored.record.created_at.ToNanoseconds()
+        tracing.past_span_wall("job.queued", queued_since_ns, job_id=job_id)
+        if self.metrics is not None:
+            self.metrics.claimed(tier, (time.time_ns() - queued_since_ns) / 1e9)
+        with tracing.tracer.start_as_current_span("job.claim"):
+            stored, claimed = await self.store.transition(job_id, claim, just_read=stored)
         if not claimed:
             if stored.record.state in TERMINAL_STATES:
                 await self._settle_finished(msg, stored.record)
@@ -349,6 +415,7 @@ class JobWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._running.pop(job_id, None)
+        trace_phases(outputs[-1], started_s)
         result = convert.generate_response(job_id, outputs, time.monotonic() - started_s)
         await self._finish(job_id, jobs_pb2.JOB_STATE_SUCCEEDED, "", result)
         await msg.ack()
@@ -394,6 +461,7 @@ class JobWorker:
             Priority[tier.upper()],
             _engine_deadline_s(record),
             stream=False,  # a job needs only its result, not every token as it comes
+            tenant=record.tenant,
         )
         return [out async for out in updates]
 
@@ -442,7 +510,8 @@ class JobWorker:
             just_read = await self.store.read(job_id)
             if just_read is not None and just_read.record.state == jobs_pb2.JOB_STATE_CANCELLED:
                 return
-            await self.store.write_result(job_id, result)
+            with tracing.tracer.start_as_current_span("job.result_write"):
+                await self.store.write_result(job_id, result)
 
         def conclude(record: job_record_pb2.JobRecord) -> bool:
             if record.state in TERMINAL_STATES:
@@ -455,6 +524,12 @@ class JobWorker:
         stored, concluded = await self.store.transition(job_id, conclude, just_read)
         if concluded:
             await self.store.publish_event(stored.record)
+            if self.metrics is not None:
+                record = stored.record
+                run_s = (
+                    record.finished_at.ToNanoseconds() - record.started_at.ToNanoseconds()
+                ) / 1e9
+                self.metrics.finished(tier_name(record.submission.tier), state, run_s)
 
     async def _retry_or_dead_letter(self, msg: Msg, tier: str, job_id: str, reason: str) -> None:
         num_delivered = msg.metadata.num_delivered

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -13,13 +15,16 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from twolane.services import jetstream
+from twolane.services.availability import Availability
 from twolane.services.config import JobsConfig
 from twolane.services.jetstream import DEFAULT_TENANT
 from twolane.services.job_store import JobStore, Validator
+from twolane.services.nats_auth import read_credentials
 from twolane.services.nats_embedded import EmbeddedNats
+from twolane.services.process import unless_stopped
 from twolane.services.prompts import ShapeOnly
 from twolane.services.validation import ModelLimits, validate_generate
-from twolane.v1 import generate_pb2, jobs_pb2
+from twolane.v1 import generate_pb2, inference_pb2, jobs_pb2
 
 if TYPE_CHECKING:
     from twolane.scheduler.client import EngineClient
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 NATS_CONNECT_TIMEOUT_S = 5.0
+NATS_PING_INTERVAL_S = 2.0
+RECHECK_INTERVAL_S = 1.0
 # Without a model, a gateway checks a job's shape only; these bounds never bind.
 _NO_MODEL_LIMITS = ModelLimits(vocab_size=2**31 - 1, max_model_len=2**31 - 1)
 
@@ -53,6 +60,8 @@ class JobService(Protocol):
         self, request: jobs_pb2.CancelJobRequest, tenant: str = DEFAULT_TENANT
     ) -> jobs_pb2.CancelJobResponse: ...
 
+    async def fill_backlog(self, reply: inference_pb2.GetStatsResponse) -> None: ...
+
 
 def model_validator(limits: ModelLimits, prompts: PromptEncoder) -> Validator:
     """Checks a job's request against the engine's model, as Generate does."""
@@ -68,44 +77,84 @@ def shape_validator(request: generate_pb2.GenerateRequest) -> None:
     validate_generate(request, _NO_MODEL_LIMITS, ShapeOnly(), prefix="request.")
 
 
-async def start_nats(stack: contextlib.AsyncExitStack, config: JobsConfig) -> str:
-    """The URL to use: `config.nats_url`, or an embedded nats-server started here."""
+async def start_nats(
+    stack: contextlib.AsyncExitStack, config: JobsConfig, server_config: Path | None = None
+) -> str:
+    """The URL to use: `config.nats_url`, or an embedded nats-server started here (with
+    `server_config`, when given: users and permissions)."""
     if config.nats_url:
         return config.nats_url
-    embedded = EmbeddedNats(Path(config.data_dir))
+    embedded = EmbeddedNats(Path(config.data_dir), config_file=server_config)
     url = await embedded.start()
     stack.push_async_callback(embedded.stop)
     return url
 
 
-async def connect(stack: contextlib.AsyncExitStack, url: str, name: str) -> NATS:
-    """A connection that reconnects forever and drains on exit."""
+async def connect(
+    stack: contextlib.AsyncExitStack,
+    url: str,
+    name: str,
+    creds: str = "",
+    timeout_s: float = NATS_CONNECT_TIMEOUT_S,
+    availability: Availability | None = None,
+) -> NATS:
+    """A connection that reconnects forever once made, and drains on exit.
+
+    The first connection gets `timeout_s`: a NATS that cannot be reached is a one-line
+    error naming it, not a process that hangs (nats-py alone would retry forever).
+    `creds` names a file with the user and password to connect as.
+
+    Raises:
+        OSError: NATS did not answer in time, or refused the credentials.
+    """
+    user, password = read_credentials(Path(creds)) if creds else (None, None)
+    errors: list[Exception] = []
 
     async def on_disconnect() -> None:
         log.warning("nats disconnected", url=url)
+        if availability is not None:
+            availability.set(False)
 
     async def on_reconnect() -> None:
         log.info("nats reconnected", url=url)
+        if availability is not None:
+            availability.set(True)
 
     async def on_error(exc: Exception) -> None:
+        errors.append(exc)
         log.debug("nats error", error=repr(exc))
 
     try:
-        nc = await nats.connect(
-            url,
-            name=name,
-            connect_timeout=NATS_CONNECT_TIMEOUT_S,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-            error_cb=on_error,
+        nc = await asyncio.wait_for(
+            nats.connect(
+                url,
+                name=name,
+                user=user,
+                password=password,
+                connect_timeout=min(timeout_s, NATS_CONNECT_TIMEOUT_S),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                # A frozen server (no TCP reset) is noticed after two missed pings.
+                ping_interval=NATS_PING_INTERVAL_S,
+                max_outstanding_pings=2,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+            ),
+            timeout_s,
         )
+    except TimeoutError:
+        cause = f": {errors[-1]}" if errors else ""
+        raise OSError(f"cannot reach NATS at {url} within {timeout_s:g} s{cause}") from None
     except Exception as exc:
         raise OSError(f"cannot connect to NATS at {url}: {exc}") from exc
 
+    watch = asyncio.ensure_future(_recheck(nc, availability)) if availability else None
+
     async def close() -> None:
+        if watch is not None:
+            watch.cancel()
         with contextlib.suppress(Exception):
             await nc.drain()
 
@@ -113,18 +162,40 @@ async def connect(stack: contextlib.AsyncExitStack, url: str, name: str) -> NATS
     return nc
 
 
+async def _recheck(nc: NATS, availability: Availability) -> None:
+    """While NATS counts as away, ask it every second whether it answers again: a server
+    that was frozen comes back without a reconnect, and nothing else would notice."""
+    while True:
+        await asyncio.sleep(RECHECK_INTERVAL_S)
+        if availability.available or not nc.is_connected:
+            continue
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=RECHECK_INTERVAL_S)
+            availability.set(True)
+
+
 async def start_job_store(
-    stack: contextlib.AsyncExitStack, config: JobsConfig, validate: Validator, name: str
+    stack: contextlib.AsyncExitStack,
+    config: JobsConfig,
+    validate: Validator,
+    name: str,
+    tenant_max_queued: int | None = None,
+    stop: asyncio.Event | None = None,
+    availability: Availability | None = None,
 ) -> tuple[NATS, JobStore]:
-    """Connect to NATS, lay out the streams and buckets, and return the store."""
+    """Connect to NATS, lay out the streams and buckets, and return the store.
+
+    `tenant_max_queued` caps each tenant's queued jobs (with auth on); `stop` set while
+    connecting ends the wait (StopBeforeReady)."""
     url = await start_nats(stack, config)
-    nc = await connect(stack, url, name)
+    connecting = connect(stack, url, name, config.nats_creds, availability=availability)
+    nc = await (unless_stopped(connecting, stop) if stop is not None else connecting)
     try:
         buckets = await jetstream.ensure_layout(nc.jetstream(), config)
     except Exception as exc:
         raise OSError(f"cannot set up JetStream at {url}: {exc}") from exc
     log.info("job queue ready", nats_url=url, stream=jetstream.JOBS_STREAM)
-    return nc, JobStore(nc, buckets, validate)
+    return nc, JobStore(nc, buckets, validate, config, tenant_max_queued, availability)
 
 
 async def start_job_worker(
@@ -135,10 +206,26 @@ async def start_job_worker(
     prompts: ModelPrompts,
     config: JobsConfig,
     grace_period_s: float,
+    tenant_limit: Callable[[str], int] | None = None,
 ) -> None:
+    from twolane.scheduler.config import served_model_name
+    from twolane.services.job_metrics import JobMetrics
     from twolane.services.job_worker import JobWorker
 
-    worker = JobWorker(nc, store, engine, prompts, config, worker_id=default_worker_id())
+    assert engine.info is not None
+    metrics = JobMetrics(nc.jetstream(), store, served_model_name(engine.info.model))
+    metrics.start()
+    stack.push_async_callback(metrics.stop)
+    worker = JobWorker(
+        nc,
+        store,
+        engine,
+        prompts,
+        config,
+        default_worker_id(),
+        tenant_limits=tenant_limit,
+        metrics=metrics,
+    )
     await worker.start()
     stack.push_async_callback(worker.stop, grace_period_s)
 

@@ -19,13 +19,13 @@ _LAG_BUCKETS_S = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3)
 LOOP_LAG_S = Histogram(
     "twolane_event_loop_lag_seconds",
     "How late the event loop ran a timer due now, sampled every 10 ms, by process role.",
-    ["process"],
+    ["process", "model_name"],
     buckets=_LAG_BUCKETS_S,
 )
 
 
-async def _probe(process: str) -> None:
-    observe = LOOP_LAG_S.labels(process).observe
+async def _probe(process: str, model_name: str) -> None:
+    observe = LOOP_LAG_S.labels(process, model_name).observe
     while True:
         due_s = time.perf_counter() + PROBE_INTERVAL_S
         await asyncio.sleep(PROBE_INTERVAL_S)
@@ -33,9 +33,11 @@ async def _probe(process: str) -> None:
 
 
 @contextlib.contextmanager
-def watch_loop_lag(process: str) -> Iterator[None]:
+def watch_loop_lag(process: str, model_name: str) -> Iterator[None]:
     """Measure the running loop's lag until the block ends."""
-    task = asyncio.get_running_loop().create_task(_probe(process), name="twolane-loop-lag")
+    task = asyncio.get_running_loop().create_task(
+        _probe(process, model_name), name="twolane-loop-lag"
+    )
     try:
         yield
     finally:

@@ -61,9 +61,13 @@ def death_signal_hook(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None
 class EmbeddedNats:
     """One nats-server child process; `start()` returns its client URL."""
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, data_dir: Path, host: str = "127.0.0.1", config_file: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.host = host
+        # A configuration file (users and their permissions, when auth is on).
+        self.config_file = config_file
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_file: IO[str] | None = None
@@ -105,6 +109,8 @@ class EmbeddedNats:
             "--log",
             str(log_path),
         ]
+        if self.config_file is not None:
+            command += ["--config", str(self.config_file)]
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -134,6 +140,11 @@ class EmbeddedNats:
             await asyncio.sleep(0.02)
         await self.stop()
         raise OSError(f"nats-server did not start within {STARTUP_TIMEOUT_S:.0f} s")
+
+    def reload(self) -> None:
+        """Have nats-server read its configuration file again (new tenants' users)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
         """SIGTERM lets JetStream flush its store; SIGKILL only if that hangs."""

@@ -44,12 +44,6 @@ class Reply:
         return self.endpoint == CHAT_COMPLETIONS
 
 
-def default_model_name(model: str) -> str:
-    """The id clients name a `--model` by: the name itself, or a path's last part."""
-    name = model.rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".gguf") or model
-
-
 def new_id(endpoint: str) -> str:
     return ("chatcmpl-" if endpoint == CHAT_COMPLETIONS else "cmpl-") + secrets.token_hex(16)
 

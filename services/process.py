@@ -10,12 +10,13 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import structlog
 
 from twolane.services.logging import configure_logging
+from twolane.services.tracing import setup_tracing, shutdown_tracing
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +32,7 @@ class ProcessConfig(Protocol):
 
 
 C = TypeVar("C", bound=ProcessConfig)
+T = TypeVar("T")
 
 
 def run_process(
@@ -47,12 +49,36 @@ def run_process(
         print(f"twolane {name}: {exc}", file=sys.stderr)
         return 2
     configure_logging(json=config.log.log_json, level=config.log.log_level, process=name)
+    setup_tracing(name)
     try:
         asyncio.run(run(config))
+    except StopBeforeReady:
+        log.info("stopped before it was ready")
     except (OSError, ValueError) as exc:
         log.error("startup failed", error=str(exc))
         return 1
+    finally:
+        shutdown_tracing()
     return 0
+
+
+class StopBeforeReady(Exception):
+    """SIGTERM or SIGINT came while the process was still starting."""
+
+
+async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T:
+    """`awaitable`'s result, or StopBeforeReady as soon as `stop` is set: a process
+    waiting on something that does not answer still stops when told to."""
+    work = asyncio.ensure_future(awaitable)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work
+    raise StopBeforeReady
 
 
 def stop_event() -> asyncio.Event:

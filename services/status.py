@@ -8,6 +8,7 @@ only as a terse INTERNAL status, never as a traceback.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
@@ -20,9 +21,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from twolane.scheduler.errors import EngineStoppedError, InvalidRequestError, QueueFullError
-from twolane.services.errors import FieldViolation, InvalidArgumentError, ServiceError
+from twolane.services.call import REQUEST_ID_KEY, current_request_id, rpc_scope
+from twolane.services.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    RateLimitedError,
+    ServiceError,
+)
 
 log = structlog.get_logger(__name__)
+
+# A full interactive queue drains within a few steps: try again soon.
+QUEUE_FULL_RETRY_S = 0.5
 
 _ENGINE_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,13 +60,25 @@ def to_status(exc: Exception) -> grpc.Status:
             message = str(exc)
     if not message:
         message = code.name.lower().replace("_", " ")
-    return _status(code, message, violations)
+    retry_after_s = exc.retry_after_s if isinstance(exc, RateLimitedError) else None
+    if isinstance(exc, QueueFullError):
+        retry_after_s = QUEUE_FULL_RETRY_S
+    return _status(code, message, violations, retry_after_s)
 
 
 def _status(
-    code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...]
+    code: grpc.StatusCode,
+    message: str,
+    violations: tuple[FieldViolation, ...],
+    retry_after_s: float | None = None,
 ) -> grpc.Status:
     details = []
+    if retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(max(0.0, retry_after_s) * 1e9))
+        packed_retry = any_pb2.Any()
+        packed_retry.Pack(retry)
+        details.append(packed_retry)
     if violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
@@ -73,6 +95,13 @@ def _status(
     return rpc_status.to_status(status_pb2.Status(code=rpc_code, message=message, details=details))
 
 
+class _Status(
+    collections.namedtuple("_Status", ("code", "details", "trailing_metadata")),
+    grpc.Status,  # type: ignore[misc]
+):
+    """A status with the trailing metadata we add (as grpc_status builds its own)."""
+
+
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
@@ -84,30 +113,38 @@ def grpc_errors(handler: Handler) -> Handler:
         async def stream_wrapper(
             self: Any, request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            try:
-                async for message in handler(self, request, context):
-                    yield message
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await _abort(context, handler.__name__, exc)
+            with rpc_scope(handler.__name__, context):
+                try:
+                    async for message in handler(self, request, context):
+                        yield message
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _abort(context, handler.__name__, exc)
 
         return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(handler)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, handler.__name__, exc)
+        with rpc_scope(handler.__name__, context):
+            try:
+                return await handler(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, handler.__name__, exc)
 
     return unary_wrapper  # type: ignore[return-value]
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     status = to_status(exc)
+    # The request id goes back on errors too (aborting replaces the trailing metadata).
+    status = _Status(
+        status.code,
+        status.details,
+        (*(status.trailing_metadata or ()), (REQUEST_ID_KEY, current_request_id())),
+    )
     if status.code is grpc.StatusCode.INTERNAL and not isinstance(exc, ServiceError):
         log.exception("unhandled error", method=method)
     else:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import structlog
 
-from twolane.services import jobs, options
+from twolane.services import jobs, nats_auth, options
+from twolane.services.availability import Availability
 from twolane.services.config import (
     NATS_URL_REQUIRED_HELP,
     NO_EMBEDDED_NATS,
@@ -42,9 +43,10 @@ from twolane.services.config import (
     JobRunnerProcessConfig,
     ServeConfig,
 )
+from twolane.services.keys import KeyStore
 from twolane.services.metrics_http import MetricsServer, multiprocess_registry
-from twolane.services.nats_embedded import death_signal_hook
-from twolane.services.process import run_process, stop_event
+from twolane.services.nats_embedded import EmbeddedNats, death_signal_hook
+from twolane.services.process import run_process, stop_event, unless_stopped
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +55,7 @@ MAX_RESTART_DELAY_S = 30.0
 # A child that ran this long before dying starts again after the first delay.
 STABLE_AFTER_S = 60.0
 STOP_TIMEOUT_S = 15.0
+TENANT_WATCH_S = 1.0
 _NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): a worker shares one NATS with others"
 
 
@@ -115,6 +118,7 @@ class Child:
 class Supervisor:
     config: ServeConfig
     nats_url: str
+    nats_creds: str
     ipc_dir: Path
     port: int
     metrics_dir: Path
@@ -130,17 +134,22 @@ class Supervisor:
         """The children in start order (and the reverse of stop order)."""
         config, child = self.config, self.child_config()
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
-        jobs_config = dataclasses.replace(config.jobs, nats_url=self.nats_url)
+        jobs_config = dataclasses.replace(
+            config.jobs, nats_url=self.nats_url, nats_creds=self.nats_creds
+        )
         core = EngineCoreProcessConfig(engine=config.engine, log=config.log, child=child)
         frontend = FrontendProcessConfig(
             listen=dataclasses.replace(config.listen, port=self.port),
             jobs=jobs_config,
+            security=config.security,
             log=config.log,
             child=child,
+            api_server_count=config.api_server_count,
             reuse_port=True,
         )
         runner = JobRunnerProcessConfig(
             jobs=jobs_config,
+            security=config.security,
             log=config.log,
             child=child,
             grace_period_s=config.listen.grace_period_s,
@@ -157,6 +166,7 @@ class Supervisor:
                 listen=config.listen,
                 http=dataclasses.replace(config.http, http_port=self.http_port),
                 jobs=jobs_config,
+                security=config.security,
                 log=config.log,
                 child=child,
                 reuse_port=True,
@@ -340,6 +350,43 @@ def reserve_port(host: str, port: int) -> tuple[int, socket.socket]:
     return chosen, holder
 
 
+async def start_nats(
+    stack: contextlib.AsyncExitStack, config: ServeConfig, stop: asyncio.Event
+) -> tuple[str, str]:
+    """The NATS URL and the credentials file the children connect with.
+
+    With auth on and the embedded nats-server, NATS runs with users too: one for the
+    services, one per tenant of the keys file, limited to its own results. The keys file
+    is watched: a new tenant's user is added and nats-server reloads its configuration.
+    """
+    jobs_config = config.jobs
+    if jobs_config.nats_url or not config.security.auth_on:
+        return await jobs.start_nats(stack, jobs_config), jobs_config.nats_creds
+    data_dir = Path(jobs_config.data_dir)
+    keys = KeyStore(Path(config.security.api_keys))
+    tenants = set(keys.tenants())
+    server_config, creds = nats_auth.prepare(data_dir, tenants)
+    embedded = EmbeddedNats(data_dir, config_file=server_config)
+    url = await embedded.start()
+    stack.push_async_callback(embedded.stop)
+
+    async def follow_tenants() -> None:
+        nonlocal tenants
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TENANT_WATCH_S)
+            now = set(keys.tenants())
+            if now != tenants:
+                nats_auth.prepare(data_dir, now)
+                embedded.reload()
+                log.info("nats users reloaded", tenants=sorted(now))
+                tenants = now
+
+    watcher = asyncio.ensure_future(follow_tenants())
+    stack.callback(watcher.cancel)
+    return url, str(creds)
+
+
 async def serve(config: ServeConfig) -> None:
     """Run until SIGTERM or SIGINT, then stop the children in order."""
     stop = stop_event()
@@ -354,12 +401,17 @@ async def serve(config: ServeConfig) -> None:
         metrics_dir = Path(tempfile.mkdtemp(prefix="twolane-metrics-"))
         stack.callback(shutil.rmtree, metrics_dir, True)
         supervisor: Supervisor | None = None
+        nats_availability = Availability()
+
+        def ready() -> bool:
+            return supervisor is not None and supervisor.is_ready() and nats_availability.available
+
         if config.metrics_port >= 0:
             metrics = MetricsServer(
                 config.listen.host,
                 config.metrics_port,
                 multiprocess_registry(str(metrics_dir)),
-                lambda: supervisor is not None and supervisor.is_ready(),
+                ready,
             )
             metrics.start()
             stack.callback(metrics.stop)
@@ -368,10 +420,16 @@ async def serve(config: ServeConfig) -> None:
                 url=f"http://{config.listen.host}:{metrics.port}/metrics",
                 metrics_port=metrics.port,
             )
-        nats_url = await jobs.start_nats(stack, config.jobs)
+        nats_url, nats_creds = await start_nats(stack, config, stop)
+        # Fail fast on a NATS that does not answer, before a model loads for minutes; then
+        # watch it, for /readyz.
+        connecting = jobs.connect(
+            stack, nats_url, "twolane-serve", nats_creds, availability=nats_availability
+        )
+        await unless_stopped(connecting, stop)
         ipc_dir = Path(tempfile.mkdtemp(prefix="twolane-ipc-"))
         stack.callback(shutil.rmtree, ipc_dir, True)
-        supervisor = Supervisor(config, nats_url, ipc_dir, port, metrics_dir, http_port)
+        supervisor = Supervisor(config, nats_url, nats_creds, ipc_dir, port, metrics_dir, http_port)
         stack.push_async_callback(supervisor.stop_all)
         starting = asyncio.ensure_future(supervisor.start_all())
         stopping = asyncio.ensure_future(stop.wait())

@@ -20,7 +20,11 @@ from twolane.services.errors import FieldViolation, InvalidArgumentError
 from twolane.services.prompts import ChatUnavailableError, PromptEncoder
 from twolane.v1 import generate_pb2
 
+# Bounds on what one request may carry; past them the answer names the field.
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 1024
 
 GenerateMessage = generate_pb2.GenerateRequest | generate_pb2.GenerateStreamRequest
 
@@ -116,6 +120,9 @@ def _check_prompt(
 def _encode_chat(
     request: GenerateMessage, prompts: PromptEncoder, bad: Callable[[str, str], None]
 ) -> list[int] | None:
+    if len(request.messages) > MAX_MESSAGES:
+        bad("messages", f"at most {MAX_MESSAGES} messages, got {len(request.messages)}")
+        return None
     for index, message in enumerate(request.messages):
         if not message.role:
             bad(f"messages[{index}].role", "every message needs a role (system, user, ...)")
@@ -150,6 +157,13 @@ def _check_params(
         bad("params.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
     if any(not s for s in params.stop):
         bad("params.stop", "stop strings must be non-empty")
+    if any(len(s) > MAX_STOP_STRING_CHARS for s in params.stop):
+        bad("params.stop", f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters")
+    if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        bad(
+            "params.stop_token_ids",
+            f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(params.stop_token_ids)}",
+        )
     outside = _first_outside_vocab(params.stop_token_ids, limits.vocab_size)
     if outside is not None:
         bad("params.stop_token_ids", outside)

@@ -128,6 +128,7 @@ async def wait_for_states(
     job_ids: Iterable[str],
     states: frozenset[int] = FINAL_STATES,
     timeout_s: float = 120.0,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, jobs_pb2.GetResultResponse]:
     """Poll GetResult until every job is in one of `states`; fail the test otherwise."""
     pending = set(job_ids)
@@ -136,7 +137,9 @@ async def wait_for_states(
     while pending:
         for job_id in list(pending):
             try:
-                response = await stub.GetResult(jobs_pb2.GetResultRequest(job_id=job_id))
+                response = await stub.GetResult(
+                    jobs_pb2.GetResultRequest(job_id=job_id), metadata=metadata
+                )
             except grpc.aio.AioRpcError as err:
                 if err.code() is not grpc.StatusCode.UNAVAILABLE:
                     raise

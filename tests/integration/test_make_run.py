@@ -136,3 +136,18 @@ def test_chat_from_the_openai_sdk_against_make_run_names_the_capital(
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_the_chat_repl_answers_and_keeps_the_conversation(make_run: ServerProcess) -> None:
+    turns = "What is the capital of France?\n/reset\nWhat is the capital of Italy?\n"
+    result = subprocess.run(
+        [TWOLANE, "chat", "--target", make_run.address, "--max-tokens", "24"],
+        input=turns,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout
+    assert "Paris" in replies and "Rome" in replies, replies
+    assert "<|im_end|>" not in replies

@@ -27,6 +27,7 @@ def add(
     priority: Priority = Priority.INTERACTIVE,
     deadline_s: float | None = None,
     stream: bool = True,
+    tenant: str = "default",
 ) -> TokenOutput | None:
     """Queue a request; returns the refusal, if the engine refused it."""
     return engine.add_request(
@@ -38,6 +39,7 @@ def add(
             arrival_time_s=time.monotonic(),
             deadline_s=deadline_s,
             stream=stream,
+            tenant=tenant,
         )
     )
 
@@ -71,7 +73,7 @@ class _Arrivals:
         self._results = results
         self._engine = engine
 
-    def after_layer(self, layer_index: int) -> None:
+    def safe_point(self) -> None:
         self._arrive()  # type: ignore[operator]
         collect(self._results, self._engine.urgent_step())
 

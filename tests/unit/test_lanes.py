@@ -141,7 +141,7 @@ def test_metrics_are_kept_per_lane() -> None:
     registry = engine.metrics.registry
 
     def value(name: str, **labels: str) -> float | None:
-        return registry.get_sample_value(name, labels)
+        return registry.get_sample_value(name, {**labels, "model_name": "builtin"})
 
     assert value("twolane_time_to_first_token_seconds_count", lane="interactive") == 1
     assert value("twolane_time_to_first_token_seconds_count", lane="batch") == 1
@@ -203,7 +203,7 @@ class _ArriveOnce:
         self.engine, self.arrive = engine, arrive
         self.urgent_outputs: list[list[str]] = []
 
-    def after_layer(self, layer_index: int) -> None:
+    def safe_point(self) -> None:
         if not self.urgent_outputs:
             self.arrive()
             self.urgent_outputs.append([out.request_id for out in self.engine.urgent_step()])
@@ -226,7 +226,8 @@ def test_interactive_arriving_mid_step_gets_its_first_token_before_the_step_ends
     assert [s.seq.request_id for s in urgent[0].scheduled] == ["chat"]
     assert "chat" not in step_ids and len(step_ids) == 6  # the batch decodes went on
     assert engine.stats().num_preemptions == 0
-    assert engine.metrics.registry.get_sample_value("twolane_urgent_starts_total") == 1
+    labels = {"model_name": "builtin"}
+    assert engine.metrics.registry.get_sample_value("twolane_urgent_starts_total", labels) == 1
 
 
 def test_an_urgent_step_borrows_a_batch_slot_that_the_next_step_gives_back() -> None:

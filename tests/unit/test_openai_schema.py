@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from twolane.scheduler.config import served_model_name
 from twolane.scheduler.errors import QueueFullError
 from twolane.scheduler.request import FinishReason
 from twolane.services.errors import (
@@ -19,7 +20,6 @@ from twolane.services.openai_format import (
     ChoiceStream,
     Reply,
     chunk,
-    default_model_name,
     response_body,
 )
 from twolane.services.openai_schema import (
@@ -191,6 +191,5 @@ def test_a_chat_stream_names_the_role_first_then_sends_content() -> None:
 
 
 def test_the_served_model_name_comes_from_the_model() -> None:
-    assert default_model_name("builtin") == "builtin"
-    assert default_model_name("/models/Llama-3-8B/") == "Llama-3-8B"
-    assert default_model_name("/m/smol.gguf") == "smol"
+    assert served_model_name("builtin") == "builtin"
+    assert served_model_name("/models/Llama-3-8B/") == "Llama-3-8B"

@@ -39,6 +39,8 @@ TEXTS = [
     "Here is a short story about a robot who learns to paint. It begins in a small town "
     "where nothing ever happens, until one day",
     "1, 2, 3, 4,",
+    "Dear team,\n\nI wanted to follow up on yesterday's meeting about the quarterly roadmap "
+    "and the open questions on hiring, budget and the launch date. First,",
 ]
 CONVERSATIONS = [
     [("user", "What is the capital of France?")],
@@ -88,7 +90,9 @@ def test_one_batch_matches_transformers(
     model_dir: object, prompts: list[list[int]], references: list[GreedyRun]
 ) -> None:
     assert len({len(p) for p in prompts}) >= 12  # prompts of different lengths
-    results = run_staggered(engine(model_dir), prompts, [greedy()] * len(prompts), [0] * 13)
+    results = run_staggered(
+        engine(model_dir), prompts, [greedy()] * len(prompts), [0] * len(prompts)
+    )
     tally = Compared()
     for i, reference in enumerate(references):
         compare(results[f"req-{i}"].token_ids, reference, tally, TEXTS[i])

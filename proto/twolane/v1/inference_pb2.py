@@ -26,7 +26,7 @@ from twolane.v1 import generate_pb2 as twolane_dot_v1_dot_generate__pb2
 from twolane.v1 import jobs_pb2 as twolane_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwolane/v1/inference.proto\x12\ntwolane.v1\x1a\x19twolane/v1/generate.proto\x1a\x15twolane/v1/jobs.proto\"\x11\n\x0fGetStatsRequest\"\xc0\x01\n\x10GetStatsResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_used_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x32\xd9\x03\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1b.twolane.v1.GenerateRequest\x1a\x1c.twolane.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.twolane.v1.GenerateStreamRequest\x1a\".twolane.v1.GenerateStreamResponse0\x01\x12H\n\tSubmitJob\x12\x1c.twolane.v1.SubmitJobRequest\x1a\x1d.twolane.v1.SubmitJobResponse\x12H\n\tGetResult\x12\x1c.twolane.v1.GetResultRequest\x1a\x1d.twolane.v1.GetResultResponse\x12H\n\tCancelJob\x12\x1c.twolane.v1.CancelJobRequest\x1a\x1d.twolane.v1.CancelJobResponse\x12\x45\n\x08GetStats\x12\x1b.twolane.v1.GetStatsRequest\x1a\x1c.twolane.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwolane/v1/inference.proto\x12\ntwolane.v1\x1a\x19twolane/v1/generate.proto\x1a\x15twolane/v1/jobs.proto\"\x11\n\x0fGetStatsRequest\"\xb8\x03\n\x10GetStatsResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_used_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x12\n\nmodel_name\x18\x08 \x01(\t\x12\x1f\n\x17num_running_interactive\x18\t \x01(\x05\x12\x1f\n\x17num_waiting_interactive\x18\n \x01(\x05\x12\x19\n\x11num_running_batch\x18\x0b \x01(\x05\x12\x19\n\x11num_waiting_batch\x18\x0c \x01(\x05\x12(\n\x07\x62\x61\x63klog\x18\r \x03(\x0b\x32\x17.twolane.v1.TierBacklog\x12\x18\n\x10num_dead_letters\x18\x0e \x01(\x03\x12\x13\n\x0bnum_workers\x18\x0f \x01(\x05\x12\x11\n\tnum_steps\x18\x10 \x01(\x03\"D\n\x0bTierBacklog\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x12\n\nnum_queued\x18\x02 \x01(\x03\x12\x13\n\x0bnum_running\x18\x03 \x01(\x03\x32\xd9\x03\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1b.twolane.v1.GenerateRequest\x1a\x1c.twolane.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.twolane.v1.GenerateStreamRequest\x1a\".twolane.v1.GenerateStreamResponse0\x01\x12H\n\tSubmitJob\x12\x1c.twolane.v1.SubmitJobRequest\x1a\x1d.twolane.v1.SubmitJobResponse\x12H\n\tGetResult\x12\x1c.twolane.v1.GetResultRequest\x1a\x1d.twolane.v1.GetResultResponse\x12H\n\tCancelJob\x12\x1c.twolane.v1.CancelJobRequest\x1a\x1d.twolane.v1.CancelJobResponse\x12\x45\n\x08GetStats\x12\x1b.twolane.v1.GetStatsRequest\x1a\x1c.twolane.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATSREQUEST']._serialized_start=92
   _globals['_GETSTATSREQUEST']._serialized_end=109
   _globals['_GETSTATSRESPONSE']._serialized_start=112
-  _globals['_GETSTATSRESPONSE']._serialized_end=304
-  _globals['_INFERENCESERVICE']._serialized_start=307
-  _globals['_INFERENCESERVICE']._serialized_end=780
+  _globals['_GETSTATSRESPONSE']._serialized_end=552
+  _globals['_TIERBACKLOG']._serialized_start=554
+  _globals['_TIERBACKLOG']._serialized_end=622
+  _globals['_INFERENCESERVICE']._serialized_start=625
+  _globals['_INFERENCESERVICE']._serialized_end=1098
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -42,6 +44,15 @@ class GetStatsResponse(_message.Message):
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _builtins.int
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
     NUM_PREEMPTIONS_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    NUM_RUNNING_INTERACTIVE_FIELD_NUMBER: _builtins.int
+    NUM_WAITING_INTERACTIVE_FIELD_NUMBER: _builtins.int
+    NUM_RUNNING_BATCH_FIELD_NUMBER: _builtins.int
+    NUM_WAITING_BATCH_FIELD_NUMBER: _builtins.int
+    BACKLOG_FIELD_NUMBER: _builtins.int
+    NUM_DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    NUM_WORKERS_FIELD_NUMBER: _builtins.int
+    NUM_STEPS_FIELD_NUMBER: _builtins.int
     num_running: _builtins.int
     num_waiting: _builtins.int
     num_free_blocks: _builtins.int
@@ -49,6 +60,23 @@ class GetStatsResponse(_message.Message):
     num_total_blocks: _builtins.int
     prefix_cache_hit_rate: _builtins.float
     num_preemptions: _builtins.int
+    model_name: _builtins.str
+    """The served model (the --model value, or its directory's name)."""
+    num_running_interactive: _builtins.int
+    """Per lane: what the engine runs and what waits for it."""
+    num_waiting_interactive: _builtins.int
+    num_running_batch: _builtins.int
+    num_waiting_batch: _builtins.int
+    num_dead_letters: _builtins.int
+    num_workers: _builtins.int
+    """Engines behind this answer: 1 for a server, the reachable workers for a gateway."""
+    num_steps: _builtins.int
+    @_builtins.property
+    def backlog(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierBacklog]:
+        """The batch lane's backlog in JetStream, per tier, and its dead letters (filled when
+        the server has the batch lane).
+        """
+
     def __init__(
         self,
         *,
@@ -59,11 +87,50 @@ class GetStatsResponse(_message.Message):
         num_total_blocks: _builtins.int = ...,
         prefix_cache_hit_rate: _builtins.float = ...,
         num_preemptions: _builtins.int = ...,
+        model_name: _builtins.str = ...,
+        num_running_interactive: _builtins.int = ...,
+        num_waiting_interactive: _builtins.int = ...,
+        num_running_batch: _builtins.int = ...,
+        num_waiting_batch: _builtins.int = ...,
+        backlog: _abc.Iterable[Global___TierBacklog] | None = ...,
+        num_dead_letters: _builtins.int = ...,
+        num_workers: _builtins.int = ...,
+        num_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_free_blocks", b"num_free_blocks", "num_preemptions", b"num_preemptions", "num_running", b"num_running", "num_total_blocks", b"num_total_blocks", "num_used_blocks", b"num_used_blocks", "num_waiting", b"num_waiting", "prefix_cache_hit_rate", b"prefix_cache_hit_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "model_name", b"model_name", "num_dead_letters", b"num_dead_letters", "num_free_blocks", b"num_free_blocks", "num_preemptions", b"num_preemptions", "num_running", b"num_running", "num_running_batch", b"num_running_batch", "num_running_interactive", b"num_running_interactive", "num_steps", b"num_steps", "num_total_blocks", b"num_total_blocks", "num_used_blocks", b"num_used_blocks", "num_waiting", b"num_waiting", "num_waiting_batch", b"num_waiting_batch", "num_waiting_interactive", b"num_waiting_interactive", "num_workers", b"num_workers", "prefix_cache_hit_rate", b"prefix_cache_hit_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class TierBacklog(_message.Message):
+    """Jobs of one tier in JetStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    NUM_QUEUED_FIELD_NUMBER: _builtins.int
+    NUM_RUNNING_FIELD_NUMBER: _builtins.int
+    tier: _builtins.str
+    """"urgent", "standard" or "bulk"."""
+    num_queued: _builtins.int
+    """Waiting for a worker."""
+    num_running: _builtins.int
+    """Delivered to a worker and not yet acked (running, or due for redelivery)."""
+    def __init__(
+        self,
+        *,
+        tier: _builtins.str = ...,
+        num_queued: _builtins.int = ...,
+        num_running: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_queued", b"num_queued", "num_running", b"num_running", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierBacklog: _TypeAlias = TierBacklog  # noqa: Y015

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from twolane.v1 import jobs_pb2 as twolane_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btwolane/v1/job_record.proto\x12\ntwolane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15twolane/v1/jobs.proto\"\xe0\x02\n\tJobRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.twolane.v1.JobState\x12\x30\n\nsubmission\x18\x04 \x01(\x0b\x32\x1c.twolane.v1.SubmitJobRequest\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fstream_sequence\x18\t \x01(\x04\x12\x11\n\tworker_id\x18\n \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\r\"+\n\tJobTicket\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\xa6\x01\n\nDeadLetter\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12!\n\x04tier\x18\x03 \x01(\x0e\x32\x13.twolane.v1.JobTier\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0enum_deliveries\x18\x05 \x01(\r\x12-\n\tfailed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btwolane/v1/job_record.proto\x12\ntwolane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15twolane/v1/jobs.proto\"\xf5\x02\n\tJobRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.twolane.v1.JobState\x12\x30\n\nsubmission\x18\x04 \x01(\x0b\x32\x1c.twolane.v1.SubmitJobRequest\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fstream_sequence\x18\t \x01(\x04\x12\x11\n\tworker_id\x18\n \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\r\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\"+\n\tJobTicket\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\xa6\x01\n\nDeadLetter\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12!\n\x04tier\x18\x03 \x01(\x0e\x32\x13.twolane.v1.JobTier\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0enum_deliveries\x18\x05 \x01(\r\x12-\n\tfailed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twolane.v1.job_record_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBRECORD']._serialized_start=100
-  _globals['_JOBRECORD']._serialized_end=452
-  _globals['_JOBTICKET']._serialized_start=454
-  _globals['_JOBTICKET']._serialized_end=497
-  _globals['_DEADLETTER']._serialized_start=500
-  _globals['_DEADLETTER']._serialized_end=666
+  _globals['_JOBRECORD']._serialized_end=473
+  _globals['_JOBTICKET']._serialized_start=475
+  _globals['_JOBTICKET']._serialized_end=518
+  _globals['_DEADLETTER']._serialized_start=521
+  _globals['_DEADLETTER']._serialized_end=687
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,7 @@ class JobRecord(_message.Message):
     STREAM_SEQUENCE_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     tenant: _builtins.str
     state: _jobs_pb2.JobState.ValueType
@@ -51,6 +52,10 @@ class JobRecord(_message.Message):
     """The worker that claimed the job last."""
     attempts: _builtins.int
     """How many times a worker started the job."""
+    traceparent: _builtins.str
+    """The W3C trace context of the SubmitJob call, so every later span of the job (and
+    its completion event, whoever publishes it) joins the submitter's trace.
+    """
     @_builtins.property
     def submission(self) -> _jobs_pb2.SubmitJobRequest:
         """What the client submitted, so that any worker can run the job."""
@@ -75,10 +80,11 @@ class JobRecord(_message.Message):
         stream_sequence: _builtins.int = ...,
         worker_id: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at", "submission", b"submission"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "started_at", b"started_at", "state", b"state", "stream_sequence", b"stream_sequence", "submission", b"submission", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "started_at", b"started_at", "state", b"state", "stream_sequence", b"stream_sequence", "submission", b"submission", "tenant", b"tenant", "traceparent", b"traceparent", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
