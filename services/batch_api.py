@@ -2,12 +2,16 @@
 
 `/v1/files` keeps files in the object store; `/v1/batches` writes batch records that a
 BatchRunner (in this process or another front's) drives to their end. The routes only
-read and write records, so any front of a cluster answers for any batch.
+read and write records, so any front of a cluster answers for any batch. Each caller
+sees only its tenant's files and batches (another's are 404, as if they did not
+exist); creating and cancelling batches and reading files go to the audit log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -16,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from twolane.services.audit import AuditLog
+from twolane.services.auth import current_principal
 from twolane.services.batch_runner import BatchRunner
 from twolane.services.batch_store import (
     MAX_FILE_BYTES,
@@ -30,7 +36,6 @@ from twolane.services.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from twolane.services.http_auth import authenticate
 from twolane.services.openai_api import json_response, openai_errors
 from twolane.services.openai_schema import CreateBatchRequest, parse
 
@@ -45,10 +50,29 @@ _CANCELLABLE = ("validating", "in_progress")
 
 
 class BatchAPI:
-    def __init__(self, files: FileStore, batches: BatchStore, runner: BatchRunner) -> None:
+    def __init__(
+        self,
+        files: FileStore,
+        batches: BatchStore,
+        runner: BatchRunner,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.files = files
         self.batches = batches
         self.runner = runner
+        self.audit = audit
+
+    @contextlib.contextmanager
+    def _audited(self, operation: str, resource_id: str) -> Iterator[None]:
+        """Record `operation` on `resource_id` (a batch or file id) and its outcome."""
+        try:
+            yield
+        except Exception as exc:
+            if self.audit is not None:
+                self.audit.record(operation, current_principal(), resource_id, type(exc).__name__)
+            raise
+        if self.audit is not None:
+            self.audit.record(operation, current_principal(), resource_id, "ok")
 
     def routes(self) -> list[Route]:
         return [
@@ -67,7 +91,7 @@ class BatchAPI:
 
     @openai_errors
     async def upload_file(self, request: Request) -> Response:
-        tenant = authenticate(request.headers.get("authorization"))
+        tenant = current_principal().tenant
         async with request.form(max_files=1, max_fields=4) as form:
             upload, purpose = form.get("file"), form.get("purpose")
             problems = []
@@ -91,26 +115,28 @@ class BatchAPI:
 
     @openai_errors
     async def list_files(self, request: Request) -> Response:
-        tenant = authenticate(request.headers.get("authorization"))
+        tenant = current_principal().tenant
         infos = await self.files.list(tenant, request.query_params.get("purpose"))
         infos.sort(key=lambda info: info.created_at, reverse=True)
         return json_response({"object": "list", "data": [i.to_openai() for i in infos]})
 
     @openai_errors
     async def get_file(self, request: Request) -> Response:
-        tenant = authenticate(request.headers.get("authorization"))
+        tenant = current_principal().tenant
         info = await self.files.info(tenant, request.path_params["file_id"])
         return json_response(info.to_openai())
 
     @openai_errors
     async def file_content(self, request: Request) -> Response:
-        tenant = authenticate(request.headers.get("authorization"))
-        data = await self.files.content(tenant, request.path_params["file_id"])
+        tenant = current_principal().tenant
+        file_id = request.path_params["file_id"]
+        with self._audited("file_content", file_id):
+            data = await self.files.content(tenant, file_id)
         return Response(data, media_type="application/jsonl")
 
     @openai_errors
     async def delete_file(self, request: Request) -> Response:
-        tenant = authenticate(request.headers.get("authorization"))
+        tenant = current_principal().tenant
         file_id = request.path_params["file_id"]
         await self.files.delete(tenant, file_id)
         return json_response({"id": file_id, "object": "file", "deleted": True})
@@ -119,7 +145,7 @@ class BatchAPI:
 
     @openai_errors
     async def create_batch(self, request: Request) -> Response:
-        tenant = authenticate(request.headers.get("authorization"))
+        tenant = current_principal().tenant
         body = parse(CreateBatchRequest, await request.body())
         if body.metadata is not None and len(body.metadata) > MAX_METADATA_PAIRS:
             raise InvalidArgumentError(
@@ -148,21 +174,22 @@ class BatchAPI:
             created_at=now_s,
             expires_at=now_s + COMPLETION_WINDOW_S,
         )
-        await self.batches.create(record)
+        with self._audited("batch_create", record.id):
+            await self.batches.create(record)
         await self.runner.nudge(record.id)
         log.info("batch created", batch_id=record.id, endpoint=record.endpoint, tenant=tenant)
         return json_response(record.to_openai())
 
     @openai_errors
     async def get_batch(self, request: Request) -> Response:
-        tenant = authenticate(request.headers.get("authorization"))
+        tenant = current_principal().tenant
         stored = await self.batches.require(tenant, request.path_params["batch_id"])
         return json_response(stored.record.to_openai())
 
     @openai_errors
     async def list_batches(self, request: Request) -> Response:
         """Newest first, `limit` at a time, the page after the batch `after`."""
-        tenant = authenticate(request.headers.get("authorization"))
+        tenant = current_principal().tenant
         limit = _limit(request.query_params.get("limit"))
         after = request.query_params.get("after")
         records = []
@@ -188,7 +215,7 @@ class BatchAPI:
 
     @openai_errors
     async def cancel_batch(self, request: Request) -> Response:
-        tenant = authenticate(request.headers.get("authorization"))
+        tenant = current_principal().tenant
         batch_id = request.path_params["batch_id"]
         await self.batches.require(tenant, batch_id)
         refused = ""
@@ -203,9 +230,10 @@ class BatchAPI:
             record.set_status("cancelling")
             return True
 
-        stored, changed = await self.batches.update(batch_id, cancel)
-        if refused:
-            raise FailedPreconditionError(f"cannot cancel a batch that is {refused}")
+        with self._audited("batch_cancel", batch_id):
+            stored, changed = await self.batches.update(batch_id, cancel)
+            if refused:
+                raise FailedPreconditionError(f"cannot cancel a batch that is {refused}")
         if changed:
             await self.runner.nudge(batch_id)
             log.info("batch cancelling", batch_id=batch_id)

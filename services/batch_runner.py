@@ -48,6 +48,7 @@ from twolane.services.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    RateLimitedError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -73,6 +74,9 @@ NUDGE_SUBJECT = "twolane.control.batches"  # core NATS: "look at this batch now"
 
 # (endpoint, job id, result, line) -> the response body of a finished line
 Render = Callable[[str, str, generate_pb2.GenerateResponse, GoodLine], dict[str, Any]]
+# (tenant, tokens) -> None: counts a line against its tenant's quotas, as SubmitJob
+# counts a job; raises RateLimitedError (the line waits and tries again).
+Admit = Callable[[str, int], None]
 
 
 class LeaseLostError(Exception):
@@ -108,6 +112,7 @@ class BatchRunner:
         served_model: the model a line's `body.model` must name.
         default_chat_max_tokens: a chat line's limit when it gives none.
         runner_id: names this process in the batches it claims.
+        admit: counts each line against its tenant's quotas before it is queued.
     """
 
     def __init__(
@@ -120,8 +125,10 @@ class BatchRunner:
         served_model: str,
         default_chat_max_tokens: int | None,
         runner_id: str,
+        admit: Admit | None = None,
     ) -> None:
         self.nc = nc
+        self.admit = admit
         self.batches = batches
         self.files = files
         self.jobs = jobs
@@ -367,7 +374,11 @@ class _Drive:
             custom_id=line.custom_id,
         )
         request.deadline.FromSeconds(self.record.expires_at)
+        params = line.request.params
+        num_tokens = len(line.request.prompt_token_ids) or len(line.request.prompt)
+        num_tokens += params.max_tokens if params.HasField("max_tokens") else 16
         while True:
+            wait_s = RETRY_S
             async with self.limit:
                 # A batch being stopped queues nothing new, even after a restart.
                 job_id = await self._existing_job(key)
@@ -375,11 +386,17 @@ class _Drive:
                     return
                 try:
                     if job_id is None:
+                        if self.r.admit is not None:
+                            self.r.admit(self.record.tenant, num_tokens)
                         response = await self.r.jobs.submit_job(request, self.record.tenant)
                         job_id = response.job_id
                 except InvalidArgumentError as exc:
                     self.jobs.refused[line.number] = _refused(line, exc)
                     return
+                except RateLimitedError as exc:
+                    # Over the tenant's quota: the batch goes at the rate the quota allows.
+                    wait_s = min(max(exc.retry_after_s, RETRY_S), 60.0)
+                    job_id = None
                 except (ResourceExhaustedError, UnavailableError) as exc:
                     log.info("batch line waits for room", batch_id=self.batch_id, error=str(exc))
                     job_id = None
@@ -387,7 +404,7 @@ class _Drive:
                 self.jobs.job_ids[line.number] = job_id
                 self.jobs.states.setdefault(job_id, jobs_pb2.JOB_STATE_QUEUED)
                 return
-            await asyncio.sleep(RETRY_S)
+            await asyncio.sleep(wait_s)
 
     async def _existing_job(self, key: str) -> str | None:
         hashed = jetstream.idempotency_key_hash(self.record.tenant, key)

@@ -39,6 +39,14 @@ def request_id_of(metadata: object) -> str:
     return uuid.uuid4().hex
 
 
+def begin_request(given: str | None) -> str:
+    """Make `given` (when it is a fit id, else a new one) the current request id, as an
+    HTTP front does with its `X-Request-Id` header; returns the id."""
+    request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    _CURRENT_REQUEST_ID.set(request_id)
+    return request_id
+
+
 @contextmanager
 def rpc_scope(method: str, context: grpc.aio.ServicerContext) -> Iterator[str]:
     """Around one RPC: its request id (yielded), its server span, its log fields."""

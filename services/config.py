@@ -236,6 +236,9 @@ class FrontendProcessConfig:
     api_server_count: int = option(
         1, "gRPC frontend processes sharing the port, all clients of one engine core"
     )
+    num_fronts: int = option(
+        0, "fronts (gRPC and HTTP) splitting each tenant's rate limits; 0: --api-server-count"
+    )
     reuse_port: bool = option(
         False,
         "share the port with the other frontends of one `twolane serve` (SO_REUSEPORT); "
@@ -245,6 +248,11 @@ class FrontendProcessConfig:
     def __post_init__(self) -> None:
         if not self.child.ipc_dir:
             raise ValueError("frontend needs --ipc-dir")
+
+    @property
+    def quota_share(self) -> float:
+        """The share of each tenant's rate limits this front enforces."""
+        return 1 / (self.num_fronts or self.api_server_count)
 
 
 @dataclass(frozen=True)
@@ -260,6 +268,9 @@ class HttpProcessConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
     child: ChildConfig = field(default_factory=ChildConfig)
+    num_fronts: int = option(
+        1, "fronts (gRPC and HTTP) splitting each tenant's rate limits (each enforces 1/N)"
+    )
     reuse_port: bool = option(
         False,
         "join the port `twolane serve` holds for this process (SO_REUSEPORT); the "

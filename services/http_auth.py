@@ -1,18 +1,88 @@
-"""Who is calling the HTTP front: the one function every request goes through.
+"""Around every HTTP call: its request id, its server span, and who is calling.
 
-Until API keys exist every caller is the default tenant and the header is not read;
-keys and tenants plug in here, and the routes need not change.
+The HTTP front's counterpart of services/call.py and services/auth.py for gRPC, as
+one ASGI middleware, so no route can forget it. A client's `X-Request-Id` is kept (a
+generated one otherwise) and returned on every response; a `traceparent` header makes
+the call's span a child of the caller's. With `--api-keys`, every path but `/health`
+needs `Authorization: Bearer <key>` and the same keys and tenants as gRPC: a missing,
+malformed, unknown or revoked key is one 401 in OpenAI's shape. The route then reads
+its caller with `current_principal()`, as a servicer does.
 """
 
 from __future__ import annotations
 
-from twolane.services.jetstream import DEFAULT_TENANT
+import msgspec
+import structlog
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from twolane.services import tracing
+from twolane.services.auth import bearer_token, enter_principal
+from twolane.services.call import REQUEST_ID_KEY, begin_request
+from twolane.services.keys import ANONYMOUS, KeyStore
+from twolane.services.openai_format import error_body
+
+# Probes need no key, as gRPC's health service needs none.
+OPEN_PATHS = frozenset({"/health"})
+UNAUTHENTICATED_MESSAGE = "missing or invalid API key: send `Authorization: Bearer <key>`"
+_encode = msgspec.json.Encoder().encode
 
 
-def authenticate(authorization: str | None) -> str:
-    """The tenant of a request, from its `Authorization: Bearer <key>` header.
+class CallScope:
+    """The ASGI middleware (see the module docstring); `keys` None: auth is off and every
+    caller is the default tenant."""
 
-    Raises:
-        UnauthenticatedError: the key is missing or unknown (once keys are checked).
-    """
-    return DEFAULT_TENANT
+    def __init__(self, app: ASGIApp, keys: KeyStore | None) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = begin_request(headers.get(REQUEST_ID_KEY))
+        parent = tracing.context_from_metadata(list(headers.items()))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append(REQUEST_ID_KEY, request_id)
+            await send(message)
+
+        name = f"HTTP {scope['method']} {scope['path']}"
+        with tracing.server_span(name, parent) as span:
+            span.set_attribute("twolane.request_id", request_id)
+            structlog.contextvars.bind_contextvars(
+                request_id=request_id, trace_id=tracing.current_trace_id() or None
+            )
+            principal = ANONYMOUS
+            if self.keys is not None and scope["path"] not in OPEN_PATHS:
+                found = self.keys.authenticate(bearer_token(list(headers.items())))
+                if found is None:
+                    await _unauthenticated(send_with_id)
+                    return
+                principal = found
+            enter_principal(principal)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except BaseException as exc:
+                tracing.record_error(span, exc)
+                raise
+
+
+async def _unauthenticated(send: Send) -> None:
+    body = _encode(
+        error_body(UNAUTHENTICATED_MESSAGE, "invalid_request_error", None, "invalid_api_key")
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -6,11 +6,14 @@ Which kind of failure an exception is stays decided in one place, services/statu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import structlog
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from twolane.scheduler.errors import InvalidRequestError
 from twolane.services.errors import InvalidArgumentError, NotFoundError, ServiceError
@@ -20,6 +23,7 @@ from twolane.services.status import to_status
 
 log = structlog.get_logger(__name__)
 
+# When the error does not say (an engine that is down): seconds before trying again.
 RETRY_AFTER_S = 1
 
 # gRPC status -> (HTTP status, OpenAI error type, code)
@@ -63,8 +67,23 @@ def http_error(exc: Exception) -> HttpError:
     if isinstance(exc, InvalidArgumentError):
         message = "; ".join(f"{openai_field(v.field)}: {v.description}" for v in exc.violations)
     body = error_body(message, error_type, param_of(exc), code)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status_code in (429, 503) else {}
+    headers = {}
+    if status_code in (429, 503):
+        headers["Retry-After"] = str(retry_after_s(status) or RETRY_AFTER_S)
     return HttpError(status_code, body, headers)
+
+
+def retry_after_s(status: grpc.Status) -> int | None:
+    """Whole seconds from the status's google.rpc.RetryInfo (a quota's or a full queue's
+    wait, the same that gRPC callers get), rounded up; None if it has none."""
+    for key, value in status.trailing_metadata or ():
+        if key != rpc_status.GRPC_DETAILS_METADATA_KEY:
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                return max(1, math.ceil(info.retry_delay.ToNanoseconds() / 1e9))
+    return None
 
 
 def param_of(exc: Exception) -> str | None:

@@ -3,8 +3,9 @@
 Handlers are thin adapters, as the gRPC servicer's are: the body in (pydantic, unknown
 fields refused), the one validator, the engine at interactive priority, the OpenAI
 shapes out (openai_format). Errors become OpenAI error objects in one place
-(`openai_errors`). A client that disconnects aborts its requests in the engine, so
-their KV blocks come back at once.
+(`openai_errors`). The caller (http_auth.CallScope) is counted against its tenant's
+quotas as over gRPC, and its requests run under its tenant. A client that disconnects
+aborts its requests in the engine, so their KV blocks come back at once.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from starlette.routing import Route
 from twolane.scheduler.client import EngineClient
 from twolane.scheduler.request import Priority
 from twolane.services import convert
+from twolane.services.auth import current_principal
+from twolane.services.availability import Availability
 from twolane.services.errors import UnavailableError
-from twolane.services.generation import RequestOutput, generate
-from twolane.services.http_auth import authenticate
+from twolane.services.generation import RequestOutput, generate, trace_phases
 from twolane.services.http_errors import ModelNotFoundError, http_error
 from twolane.services.openai_format import (
     ChoiceStream,
@@ -49,6 +51,7 @@ from twolane.services.openai_schema import (
     parse,
 )
 from twolane.services.prompts import ModelPrompts
+from twolane.services.quotas import Reservation, TenantQuotas
 from twolane.services.validation import ModelLimits, ValidRequest, validate_generate
 
 log = structlog.get_logger(__name__)
@@ -99,16 +102,24 @@ async def not_found(request: Request, exc: Exception) -> Response:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that close their iterator however the response ends (done,
-    client gone, send failed), so the engine requests behind it are aborted at once."""
+    """Server-sent events that close their iterator, and run `on_close`, however the
+    response ends (done, client gone before or after the first event, send failed), so
+    the engine requests behind it are aborted at once and their quota settled."""
 
     media_type = "text/event-stream"
 
-    async def stream_response(self, send: Any) -> None:
+    def __init__(
+        self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(content)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await super().stream_response(send)
+            await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._on_close()
 
 
 class CompletionsAPI:
@@ -118,13 +129,24 @@ class CompletionsAPI:
         engine: a ready client of the engine core.
         prompts: the model's tokenizer and chat template.
         model_name: the model id clients name (`--served-model-name`).
+        quotas: the tenants' limits, enforced here as in a gRPC frontend.
+        nats: whether NATS answers (the Batch API's health), when this front has it.
     """
 
-    def __init__(self, engine: EngineClient, prompts: ModelPrompts, model_name: str) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        prompts: ModelPrompts,
+        model_name: str,
+        quotas: TenantQuotas | None = None,
+        nats: Availability | None = None,
+    ) -> None:
         assert engine.info is not None, "the engine client must be ready"
         self._engine = engine
         self._prompts = prompts
         self.model_name = model_name
+        self._quotas = quotas or TenantQuotas()
+        self._nats = nats
         self.limits = ModelLimits(
             vocab_size=engine.info.vocab_size, max_model_len=engine.info.max_model_len
         )
@@ -152,32 +174,31 @@ class CompletionsAPI:
 
     @openai_errors
     async def completions(self, request: Request) -> Response:
-        authenticate(request.headers.get("authorization"))
         body = parse(CompletionRequest, await request.body())
         return await self._serve(request, body, COMPLETIONS)
 
     @openai_errors
     async def chat_completions(self, request: Request) -> Response:
-        authenticate(request.headers.get("authorization"))
         body = parse(ChatCompletionRequest, await request.body())
         return await self._serve(request, body, CHAT_COMPLETIONS)
 
     @openai_errors
     async def list_models(self, request: Request) -> Response:
-        authenticate(request.headers.get("authorization"))
         return json_response({"object": "list", "data": [self._model_object()]})
 
     @openai_errors
     async def get_model(self, request: Request) -> Response:
-        authenticate(request.headers.get("authorization"))
         self.check_model(request.path_params["model"])
         return json_response(self._model_object())
 
     @openai_errors
     async def health(self, request: Request) -> Response:
+        """200 while the engine core runs (completions work); `batches` says whether the
+        Batch API's NATS answers."""
         if not self._engine.is_ready:
             raise UnavailableError("the engine is not running")
-        return json_response({"status": "ok", "model": self.model_name})
+        batches = "ok" if self._nats is None or self._nats.available else "unavailable"
+        return json_response({"status": "ok", "model": self.model_name, "batches": batches})
 
     def _model_object(self) -> dict[str, Any]:
         assert self._engine.info is not None
@@ -199,6 +220,9 @@ class CompletionsAPI:
             validate_generate(r, self.limits, self._prompts)
             for r in generate_requests(body, self.limits.max_model_len)
         ]
+        principal = current_principal()
+        num_tokens = sum(len(v.prompt_token_ids) + v.params.max_tokens for v in valids)
+        reservation = self._quotas.admit(principal, num_tokens * body.n)
         reply = Reply(
             id=new_id(endpoint),
             endpoint=endpoint,
@@ -209,15 +233,37 @@ class CompletionsAPI:
             return_token_ids=body.return_token_ids,
         )
         arrival_s = time.monotonic()
-        streams = self._start(reply, valids, body.seed, stream=body.stream)
+        used = Used(reservation, arrival_s)
+        streams = [
+            used.counted(i, s)
+            for i, s in enumerate(
+                self._start(reply, valids, body.seed, principal.tenant, stream=body.stream)
+            )
+        ]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             events = merged(streams)
-            # The first update comes before the headers: a request the engine refuses
-            # (queue full, engine down) still gets its proper status code.
-            first = await until_disconnected(request, anext(events))
-            return EventStream(self._events(reply, first, events, len(streams), include_usage))
-        updates = await until_disconnected(request, collect_all(streams))
+
+            async def close() -> None:
+                # A cancelled first read may still be unwinding (and closing) it.
+                with contextlib.suppress(RuntimeError):
+                    await events.aclose()  # type: ignore[attr-defined]
+                used.settle()
+
+            try:
+                # The first update comes before the headers: a request the engine refuses
+                # (queue full, engine down) still gets its proper status code.
+                first = await until_disconnected(request, anext(events))
+            except BaseException:
+                await close()
+                raise
+            return EventStream(
+                self._events(reply, first, events, len(streams), include_usage), close
+            )
+        try:
+            updates = await until_disconnected(request, collect_all(streams))
+        finally:
+            used.settle()
         total_s = time.monotonic() - arrival_s
         results = [
             convert.generate_response(f"{reply.id}-{i}", u, total_s) for i, u in enumerate(updates)
@@ -226,7 +272,12 @@ class CompletionsAPI:
         return json_response(response_body(reply, results, self.token_text))
 
     def _start(
-        self, reply: Reply, valids: list[ValidRequest], seed: int | None, stream: bool
+        self,
+        reply: Reply,
+        valids: list[ValidRequest],
+        seed: int | None,
+        tenant: str,
+        stream: bool,
     ) -> list[AsyncIterator[RequestOutput]]:
         """The engine requests of every choice (nothing is sent before they are read)."""
         streams = []
@@ -245,6 +296,7 @@ class CompletionsAPI:
                         Priority.INTERACTIVE,
                         None,
                         stream=stream,
+                        tenant=tenant,
                     )
                 )
         return streams
@@ -280,10 +332,34 @@ class CompletionsAPI:
     def _log_finished(self, reply: Reply, num_completion_tokens: int) -> None:
         log.info(
             "request finished",
-            request_id=reply.id,
+            completion_id=reply.id,
             endpoint=reply.endpoint,
             completion_tokens=num_completion_tokens,
         )
+
+
+class Used:
+    """What one HTTP request's engine requests used, for its quota reservation: the
+    reservation starts with the first output and is settled with the tokens used."""
+
+    def __init__(self, reservation: Reservation, arrival_s: float) -> None:
+        self._reservation = reservation
+        self._arrival_s = arrival_s
+        self._num_tokens: dict[int, int] = {}
+
+    async def counted(
+        self, index: int, stream: AsyncIterator[RequestOutput]
+    ) -> AsyncIterator[RequestOutput]:
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for out in stream:
+                self._reservation.started()
+                self._num_tokens[index] = out.num_prompt_tokens + out.num_output_tokens
+                if out.finished:
+                    trace_phases(out, self._arrival_s)
+                yield out
+
+    def settle(self) -> None:
+        self._reservation.settle(sum(self._num_tokens.values()))
 
 
 async def collect_all(streams: list[AsyncIterator[RequestOutput]]) -> list[list[RequestOutput]]:

@@ -137,6 +137,8 @@ class Supervisor:
         jobs_config = dataclasses.replace(
             config.jobs, nats_url=self.nats_url, nats_creds=self.nats_creds
         )
+        # Each front enforces its share of a tenant's rate limits.
+        num_fronts = config.api_server_count + (1 if self.http_port >= 0 else 0)
         core = EngineCoreProcessConfig(engine=config.engine, log=config.log, child=child)
         frontend = FrontendProcessConfig(
             listen=dataclasses.replace(config.listen, port=self.port),
@@ -145,6 +147,7 @@ class Supervisor:
             log=config.log,
             child=child,
             api_server_count=config.api_server_count,
+            num_fronts=num_fronts,
             reuse_port=True,
         )
         runner = JobRunnerProcessConfig(
@@ -169,6 +172,7 @@ class Supervisor:
                 security=config.security,
                 log=config.log,
                 child=child,
+                num_fronts=num_fronts,
                 reuse_port=True,
             )
             planned.append(Child("http", options.to_argv(http, skip=skip | {"port"}), env))

@@ -60,12 +60,13 @@ def aborted_requests(server: ServerProcess) -> float:
     assert match, server.log_text()
     with urllib.request.urlopen(f"http://127.0.0.1:{match.group(1)}/metrics", timeout=10) as r:
         text = r.read().decode()
-    found = re.search(
-        r'^twolane_requests_finished_total\{lane="interactive",reason="abort"\} (\S+)$',
-        text,
-        re.MULTILINE,
-    )
-    return float(found.group(1)) if found else 0.0
+    total = 0.0
+    for labels, value in re.findall(
+        r"^twolane_requests_finished_total\{(.*)\} (\S+)$", text, re.MULTILINE
+    ):
+        if 'lane="interactive"' in labels and 'reason="abort"' in labels:
+            total += float(value)
+    return total
 
 
 async def grpc_tokens(
