@@ -184,7 +184,7 @@ def generate_requests(
             requests.append(request)
         if not requests:
             problems.append(FieldViolation(prefix + "prompt", "give at least one prompt"))
-        elif len(requests) * body.n > MAX_CHOICES:
+        elif 1 <= body.n <= MAX_CHOICES < len(requests) * body.n:  # a bad n is said above
             problems.append(
                 FieldViolation(
                     prefix + "prompt", f"prompts times n is at most {MAX_CHOICES} per request"

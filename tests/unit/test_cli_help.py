@@ -42,4 +42,5 @@ def test_gateway_and_worker_help_claim_no_embedded_nats_server(name: str) -> Non
     text = subcommands()[name].format_help()
     assert "embedded" not in text
     assert "--data-dir" not in text
-    assert "required" in text.split("--nats-url", 1)[1][:200]
+    options = text.split("options:", 1)[1]
+    assert "required" in options.split("--nats-url", 1)[1][:200]

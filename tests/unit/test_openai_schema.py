@@ -11,6 +11,7 @@ from twolane.scheduler.request import FinishReason
 from twolane.services.errors import (
     FieldViolation,
     InvalidArgumentError,
+    RateLimitedError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -154,6 +155,15 @@ def test_errors_get_fitting_http_statuses_in_openais_shape(
         assert error.body["error"]["message"] == "top_p: bad"
     if status == 500:
         assert error.body["error"]["message"] == "internal error"  # no details leak
+
+
+def test_retry_after_is_the_wait_grpc_callers_get_rounded_up_to_whole_seconds() -> None:
+    assert http_error(RateLimitedError("over quota", retry_after_s=59.2)).headers == {
+        "Retry-After": "60"
+    }
+    assert http_error(RateLimitedError("soon", retry_after_s=0.01)).headers["Retry-After"] == "1"
+    assert http_error(QueueFullError("full")).headers["Retry-After"] == "1"
+    assert http_error(UnavailableError("down")).headers["Retry-After"] == "1"
 
 
 def result(text: str, tokens: list[int], prompt_tokens: int) -> generate_pb2.GenerateResponse:
