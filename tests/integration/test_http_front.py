@@ -32,9 +32,10 @@ _CHILD = re.compile(r"child started\s+.*pid=(\d+).*role=(\S+)")
 
 @pytest.fixture(scope="module")
 def http_server() -> Iterator[ServerProcess]:
-    # Four running and one waiting interactive request at most, so a queue can fill.
+    # Four running and four waiting interactive requests at most, so a queue can fill
+    # (and a request of four choices still fits an idle engine).
     server = start_server(
-        "--http-port", "0", "--metrics-port", "0", "--max-num-seqs", "4", "--max-waiting", "1"
+        "--http-port", "0", "--metrics-port", "0", "--max-num-seqs", "4", "--max-waiting", "4"
     )
     yield server
     server.stop()
@@ -246,18 +247,22 @@ async def test_a_full_queue_is_a_429_with_retry_after(
             )
             await anext(aiter(stream))
             streams.append(stream)
-        waiting = asyncio.ensure_future(
-            aclient.completions.create(model=MODEL, prompt="wait", stream=True, extra_body=LONG)
-        )
+        waiting = [
+            asyncio.ensure_future(
+                aclient.completions.create(model=MODEL, prompt="wait", stream=True, extra_body=LONG)
+            )
+            for _ in range(4)
+        ]
         for _ in range(200):
             stats = await grpc_stub.GetStats(inference_pb2.GetStatsRequest())
-            if stats.num_waiting == 1:
+            if stats.num_waiting == 4:
                 break
             await asyncio.sleep(0.05)
         with pytest.raises(openai.RateLimitError) as info:
             await aclient.completions.create(model=MODEL, prompt="one too many", max_tokens=2)
         assert info.value.response.headers["retry-after"] == "1"
-        waiting.cancel()
+        for pending in waiting:
+            pending.cancel()
     finally:
         for stream in streams:
             await stream.close()
