@@ -42,8 +42,10 @@ from twolane.services.openai_schema import CreateBatchRequest, parse
 log = structlog.get_logger(__name__)
 
 COMPLETION_WINDOW_S = 24 * 3600
-DEFAULT_PAGE = 20
+DEFAULT_PAGE = 20  # batches
 MAX_PAGE = 100
+DEFAULT_FILES_PAGE = 10_000  # files, as OpenAI's
+MAX_FILES_PAGE = 10_000
 MAX_METADATA_PAIRS = 16
 _UPLOAD_PURPOSES = ("batch",)
 _CANCELLABLE = ("validating", "in_progress")
@@ -116,9 +118,19 @@ class BatchAPI:
     @openai_errors
     async def list_files(self, request: Request) -> Response:
         tenant = current_principal().tenant
+        """Newest first (`order=asc`: oldest), `limit` at a time, the page after `after`:
+        cursor pages, as the SDK's iterator expects (it follows `has_more`)."""
+        tenant = current_principal().tenant
         infos = await self.files.list(tenant, request.query_params.get("purpose"))
-        infos.sort(key=lambda info: info.created_at, reverse=True)
-        return json_response({"object": "list", "data": [i.to_openai() for i in infos]})
+        newest_first = request.query_params.get("order", "desc") != "asc"
+        infos.sort(key=lambda info: (info.created_at, info.id), reverse=newest_first)
+        page, has_more = _page(
+            [i.to_openai() for i in infos],
+            request.query_params.get("after"),
+            _limit(request.query_params.get("limit"), DEFAULT_FILES_PAGE, MAX_FILES_PAGE),
+            "file",
+        )
+        return json_response(_list_body(page, has_more))
 
     @openai_errors
     async def get_file(self, request: Request) -> Response:
@@ -190,28 +202,17 @@ class BatchAPI:
     async def list_batches(self, request: Request) -> Response:
         """Newest first, `limit` at a time, the page after the batch `after`."""
         tenant = current_principal().tenant
-        limit = _limit(request.query_params.get("limit"))
-        after = request.query_params.get("after")
+        limit = _limit(request.query_params.get("limit"), DEFAULT_PAGE, MAX_PAGE)
         records = []
         for batch_id in await self.batches.ids():
             stored = await self.batches.read(batch_id)
             if stored is not None and stored.record.tenant == tenant:
                 records.append(stored.record)
         records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
-        if after is not None:
-            ids = [r.id for r in records]
-            if after not in ids:
-                raise NotFoundError(f"after: no batch with id {after!r}")
-            records = records[ids.index(after) + 1 :]
-        page = records[:limit]
-        body: dict[str, Any] = {
-            "object": "list",
-            "data": [r.to_openai() for r in page],
-            "first_id": page[0].id if page else None,
-            "last_id": page[-1].id if page else None,
-            "has_more": len(records) > limit,
-        }
-        return json_response(body)
+        page, has_more = _page(
+            [r.to_openai() for r in records], request.query_params.get("after"), limit, "batch"
+        )
+        return json_response(_list_body(page, has_more))
 
     @openai_errors
     async def cancel_batch(self, request: Request) -> Response:
@@ -240,13 +241,36 @@ class BatchAPI:
         return json_response(stored.record.to_openai())
 
 
-def _limit(raw: str | None) -> int:
+def _limit(raw: str | None, default: int, most: int) -> int:
     if raw is None:
-        return DEFAULT_PAGE
+        return default
     try:
         limit = int(raw)
     except ValueError:
         limit = 0
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidArgumentError([FieldViolation("limit", f"must be in [1, {MAX_PAGE}]")])
+    if not 1 <= limit <= most:
+        raise InvalidArgumentError([FieldViolation("limit", f"must be in [1, {most}]")])
     return limit
+
+
+def _page(
+    items: list[dict[str, Any]], after: str | None, limit: int, kind: str
+) -> tuple[list[dict[str, Any]], bool]:
+    """The `limit` items after the one with id `after` (all from the first without it),
+    and whether more follow."""
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise NotFoundError(f"after: no {kind} with id {after!r}")
+        items = items[ids.index(after) + 1 :]
+    return items[:limit], len(items) > limit
+
+
+def _list_body(page: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": has_more,
+    }

@@ -50,12 +50,18 @@ BatchStatus = Literal[
 FINAL_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
 
 
+def _ordered_hex() -> str:
+    """32 hex digits that sort in creation order (microseconds, then random): lists
+    sort newest first even within one second of `created_at`."""
+    return f"{time.time_ns() // 1000:014x}" + secrets.token_hex(9)
+
+
 def new_file_id() -> str:
-    return "file-" + secrets.token_hex(16)
+    return "file-" + _ordered_hex()
 
 
 def new_batch_id() -> str:
-    return "batch_" + secrets.token_hex(16)
+    return "batch_" + _ordered_hex()
 
 
 # ---- files --------------------------------------------------------------------------

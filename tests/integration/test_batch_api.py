@@ -220,7 +220,11 @@ def test_files_can_be_read_listed_and_deleted(client: openai.OpenAI) -> None:
     file_id = upload(client, [request_line("a", "x")])
     assert client.files.retrieve(file_id).filename == "input.jsonl"
     assert json.loads(client.files.content(file_id).text)["custom_id"] == "a"
-    assert file_id in [f.id for f in client.files.list(purpose="batch")]
+    newer_id = upload(client, [request_line("b", "y")])
+    first_page = client.files.list(purpose="batch", limit=1)
+    assert [f.id for f in first_page.data] == [newer_id] and first_page.has_more
+    # The SDK's iterator follows the pages to the end.
+    assert {file_id, newer_id} <= {f.id for f in client.files.list(purpose="batch", limit=1)}
     assert client.files.delete(file_id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(file_id)
