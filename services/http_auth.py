@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from twolane.services import tracing
 from twolane.services.auth import bearer_token, enter_principal
-from twolane.services.call import REQUEST_ID_KEY, begin_request
+from twolane.services.call import REQUEST_ID_KEY, begin_request, stream_step
 from twolane.services.keys import ANONYMOUS, KeyStore
 from twolane.services.openai_format import error_body
 
@@ -49,25 +49,26 @@ class CallScope:
                 MutableHeaders(scope=message).append(REQUEST_ID_KEY, request_id)
             await send(message)
 
-        name = f"HTTP {scope['method']} {scope['path']}"
-        with tracing.server_span(name, parent) as span:
-            span.set_attribute("twolane.request_id", request_id)
-            structlog.contextvars.bind_contextvars(
-                request_id=request_id, trace_id=tracing.current_trace_id() or None
-            )
-            principal = ANONYMOUS
-            if self.keys is not None and scope["path"] not in OPEN_PATHS:
-                found = self.keys.authenticate(bearer_token(list(headers.items())))
-                if found is None:
-                    await _unauthenticated(send_with_id)
-                    return
-                principal = found
-            enter_principal(principal)
-            try:
+        span = tracing.start_server_span(f"HTTP {scope['method']} {scope['path']}", parent)
+        span.set_attribute("twolane.request_id", request_id)
+        structlog.contextvars.bind_contextvars(
+            request_id=request_id, trace_id=tracing.span_trace_id(span) or None
+        )
+        try:
+            # Current around the whole call: the app is one coroutine of this task (a
+            # stream's body is sent from inside it), never a generator left open.
+            with stream_step(span):
+                principal = ANONYMOUS
+                if self.keys is not None and scope["path"] not in OPEN_PATHS:
+                    found = self.keys.authenticate(bearer_token(list(headers.items())))
+                    if found is None:
+                        await _unauthenticated(send_with_id)
+                        return
+                    principal = found
+                enter_principal(principal)
                 await self.app(scope, receive, send_with_id)
-            except BaseException as exc:
-                tracing.record_error(span, exc)
-                raise
+        finally:
+            span.end()
 
 
 async def _unauthenticated(send: Send) -> None:
