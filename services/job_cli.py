@@ -1,10 +1,13 @@
-"""`twolane submit | result | watch | batch`: the batch lane from the command line.
+"""`twolane submit | result | cancel | watch | batch`: the batch lane from the command line.
 
 `batch` reads an OpenAI Batch API input file (one request per line with a
 `custom_id`, completions or chat), checks every line before it submits any, and
 writes the output and error files in the Batch API's format. It waits on the jobs'
 completion events (NATS), and a line run before on the same model with the same
 parameters reuses its result.
+`submit`, `result` and `cancel` call the server through `twolane.client` (its
+deadlines, retries, idempotency keys and errors); `watch` reads the completion event
+from NATS itself, so it needs no gRPC server.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import nats.js.errors
 from google.protobuf import json_format
 from tqdm import tqdm
 
+from twolane.client import Client, Sampling, TwolaneError
+from twolane.client.requests import TIERS
 from twolane.services import jetstream
 from twolane.services.batch_lines import BadLine, GoodLine, parse_lines
 from twolane.services.channel import Connection, add_connection_args
@@ -44,16 +49,11 @@ from twolane.services.openai_format import (
     response_body,
 )
 from twolane.services.openai_schema import CHAT_COMPLETIONS
-from twolane.v1 import generate_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2
+from twolane.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2
 
 R = TypeVar("R")
 RPC_TIMEOUT_S = 30.0
 
-TIERS = {
-    "urgent": jobs_pb2.JOB_TIER_URGENT,
-    "standard": jobs_pb2.JOB_TIER_STANDARD,
-    "bulk": jobs_pb2.JOB_TIER_BULK,
-}
 FINAL_STATES = frozenset(
     {
         jobs_pb2.JOB_STATE_SUCCEEDED,
@@ -166,21 +166,19 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
 
 
 def submit_main(args: argparse.Namespace) -> int:
-    params = generate_pb2.SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop
-    )
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop)
     if args.seed is not None:
-        params.seed = args.seed
-    request = jobs_pb2.SubmitJobRequest(
-        request=generate_pb2.GenerateRequest(prompt=args.prompt, params=params),
-        tier=TIERS[args.tier],
-        idempotency_key=args.idempotency_key,
-        custom_id=args.custom_id,
-    )
-    if args.deadline is not None:
-        request.deadline.FromNanoseconds(time.time_ns() + int(args.deadline * 1e9))
-    response = _call_once(
-        Connection.from_args(args), lambda stub: stub.SubmitJob(request, timeout=RPC_TIMEOUT_S)
+        sampling["seed"] = args.seed
+    response = _call(
+        args,
+        lambda client: client.submit(
+            args.prompt,
+            tier=args.tier,
+            idempotency_key=args.idempotency_key or None,
+            custom_id=args.custom_id,
+            job_deadline_s=args.deadline,
+            **sampling,
+        ),
     )
     if response is None:
         return 1
@@ -189,10 +187,7 @@ def submit_main(args: argparse.Namespace) -> int:
 
 
 def result_main(args: argparse.Namespace) -> int:
-    request = jobs_pb2.GetResultRequest(job_id=args.job_id)
-    response = _call_once(
-        Connection.from_args(args), lambda stub: stub.GetResult(request, timeout=RPC_TIMEOUT_S)
-    )
+    response = _call(args, lambda client: client.result(args.job_id))
     if response is None:
         return 1
     print(_to_json(response))
@@ -200,25 +195,26 @@ def result_main(args: argparse.Namespace) -> int:
 
 
 def cancel_main(args: argparse.Namespace) -> int:
-    request = jobs_pb2.CancelJobRequest(job_id=args.job_id)
-    response = _call_once(
-        Connection.from_args(args), lambda stub: stub.CancelJob(request, timeout=RPC_TIMEOUT_S)
-    )
+    response = _call(args, lambda client: client.cancel(args.job_id))
     if response is None:
         return 1
     print(_to_json(response))
     return 0
 
 
-def _call_once(
-    connection: Connection, call: Callable[[inference_pb2_grpc.InferenceServiceStub], R]
-) -> R | None:
-    """One RPC on a channel of its own; on failure, say why on stderr and return None."""
-    with connection.channel() as channel:
+def _call(args: argparse.Namespace, call: Callable[[Client], R]) -> R | None:
+    """One call through a client of its own; on failure, say why on stderr and return
+    None."""
+    try:
+        client = Client(Connection.from_args(args).client_config(RPC_TIMEOUT_S))
+    except ValueError as exc:
+        print(f"twolane {args.command}: {exc}", file=sys.stderr)
+        return None
+    with client:
         try:
-            return call(inference_pb2_grpc.InferenceServiceStub(channel))
-        except grpc.RpcError as err:
-            print(describe_error(err), file=sys.stderr)
+            return call(client)
+        except TwolaneError as error:
+            print(describe_error(error), file=sys.stderr)
             return None
 
 
