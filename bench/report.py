@@ -7,6 +7,7 @@ from pathlib import Path
 
 SYSTEMS = (
     ("twolane", "twolane (GenerateStream)"),
+    ("twolane_http", "twolane (HTTP /v1/completions, SSE)"),
     ("hf_static", "(2) HF static batching"),
     ("hf_sequential", "(1) HF generate, one at a time"),
 )
@@ -25,6 +26,12 @@ def ratios(run: dict) -> dict[str, float]:
                 ours["output_tokens_per_s"] / base["output_tokens_per_s"]
             )
             out[f"ttft_p50_vs_{short}"] = base["ttft_s"]["p50"] / ours["ttft_s"]["p50"]
+    http = run.get("twolane_http")
+    if isinstance(http, dict) and ours["output_tokens_per_s"] and http["num_completed"]:
+        # HTTP over gRPC: tokens/s below 1, or latencies above 1, are what HTTP costs.
+        out["http_vs_grpc_tokens"] = http["output_tokens_per_s"] / ours["output_tokens_per_s"]
+        out["http_vs_grpc_ttft_p50"] = http["ttft_s"]["p50"] / ours["ttft_s"]["p50"]
+        out["http_vs_grpc_tpot_p50"] = http["tpot_s"]["p50"] / ours["tpot_s"]["p50"]
     lane = run.get("batch_lane")
     if isinstance(lane, dict) and ours["output_tokens_per_s"]:
         out["batch_lane_vs_interactive_tokens"] = (

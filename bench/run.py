@@ -1,7 +1,10 @@
 """`twolane bench`: twolane against transformers baselines, in one run, on one machine.
 
 For each model and dtype: start `twolane serve` (or use --target), drive the
-workload through GenerateStream, submit the same requests as batch-lane jobs and
+workload through GenerateStream, then through the OpenAI-compatible HTTP front
+(streamed `/v1/completions`, prompts of the same lengths with other tokens, so
+neither run finds the other's prompts in the prefix cache), submit the same
+requests as batch-lane jobs and
 wait for their completion events, stop the server, then run the same workload on
 the transformers baselines in this process and measure this machine's ceilings
 for the roofline. Writes `report.json` and `report.png` and prints the tables.
@@ -76,9 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="JSONL of {prompt_token_ids|prompt_len, max_tokens}",
     )
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seed of the workload and the Poisson arrivals")
     add("--target", default=None, help="HOST:PORT of a running server (one model, --models DIR)")
     add("--nats-url", default=None, help="the running server's NATS, for the batch lane")
+    add("--http-url", default=None, help="the running server's HTTP front, e.g. http://H:P")
+    add("--no-http", action="store_true", help="skip the HTTP front's run")
     add("--no-baselines", action="store_true", help="skip the transformers baselines")
     add("--no-batch-lane", action="store_true", help="skip the batch-lane throughput run")
     add("--no-roofline", action="store_true", help="skip the ceilings and the decode roofline")
@@ -147,6 +152,13 @@ def make_workload(args: argparse.Namespace, plan: Plan, vocab_size: int) -> list
     )
 
 
+def other_tokens(spec: RequestSpec, vocab_size: int) -> RequestSpec:
+    """The same lengths with every token id moved by one: a workload of equal cost that
+    shares no prefix with `spec`."""
+    prompt = tuple((t + 1) % vocab_size for t in spec.prompt_token_ids)
+    return RequestSpec(prompt, spec.num_output_tokens)
+
+
 def run_one(args: argparse.Namespace, name: str, dtype: str) -> dict[str, object]:
     from twolane.bench import baselines, batch_lane, interactive
     from twolane.bench.checkpoints import model_dir, model_shape
@@ -198,6 +210,17 @@ def run_one(args: argparse.Namespace, name: str, dtype: str) -> dict[str, object
             server.address, specs, concurrency, args.rate, args.seed, f"twolane {name} {dtype}"
         )
         lap("twolane")
+        http_url = args.http_url or server.http_url
+        if not args.no_http and http_url:
+            run["twolane_http"] = interactive.run_interactive_http(
+                http_url,
+                [other_tokens(s, shape.vocab_size) for s in specs],
+                concurrency,
+                args.rate,
+                args.seed,
+                f"twolane http {name} {dtype}",
+            )
+            lap("twolane_http")
         nats_url = args.nats_url or server.nats_url
         if not args.no_batch_lane and nats_url:
             run["batch_lane"] = batch_lane.run_batch_lane(

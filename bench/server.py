@@ -30,9 +30,11 @@ class ServerSettings:
 
 @dataclass
 class Server:
-    """A running `twolane serve`: its address, and its data dir (where nats.url is)."""
+    """A running `twolane serve`: its gRPC address, its HTTP front's base URL (when it
+    has one), and its data dir (where nats.url is)."""
 
     address: str
+    http_url: str | None = None
     data_dir: Path | None = None
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
@@ -86,6 +88,8 @@ def start_server(settings: ServerSettings) -> Server:
         "100000",
         "--job-max-batch-inflight",
         str(settings.max_batch_inflight),
+        "--http-port",
+        "0",
     ]
     return start_twolane(args, {"TWOLANE_DATA_DIR": str(data_dir)}, data_dir)
 
@@ -110,14 +114,17 @@ def start_twolane(
         assert proc.stdout is not None
         for line in proc.stdout:
             server.lines.append(line)
-            if not server.address and "listening" in line and (port := _port(line)):
+            if "http listening" in line and (port := _port(line)):
+                server.http_url = f"http://127.0.0.1:{port}"
+            elif not server.address and "listening" in line and (port := _port(line)):
                 server.address = f"127.0.0.1:{port}"
+            if server.address and server.http_url:
                 listening.set()
         listening.set()
 
     threading.Thread(target=read_output, daemon=True).start()
     listening.wait(STARTUP_TIMEOUT_S)
-    if not server.address:
+    if not server.address or not server.http_url:
         server.stop()
         tail = "".join(server.lines[-20:])
         raise RuntimeError(f"twolane {args[0]} did not start listening; its output:\n{tail}")

@@ -35,6 +35,12 @@ def current_principal() -> Principal:
     return _PRINCIPAL.get()
 
 
+def enter_principal(principal: Principal) -> None:
+    """Make `principal` the caller of the call being handled, in the code and the logs."""
+    _PRINCIPAL.set(principal)
+    structlog.contextvars.bind_contextvars(tenant=principal.tenant, key_id=principal.key_id)
+
+
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     for key, value in metadata or ():
         if key.lower() == "authorization":
@@ -66,10 +72,7 @@ def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal | None)
     """The same handler, run as `principal`, or refusing every call when it is None."""
 
     def enter() -> None:
-        _PRINCIPAL.set(principal or ANONYMOUS)
-        structlog.contextvars.bind_contextvars(
-            tenant=(principal or ANONYMOUS).tenant, key_id=(principal or ANONYMOUS).key_id
-        )
+        enter_principal(principal or ANONYMOUS)
 
     if handler.unary_unary is not None:
         inner = handler.unary_unary

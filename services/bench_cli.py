@@ -7,6 +7,10 @@ import shlex
 import sys
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the module docstring kept as written."""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from twolane.bench import run
 
@@ -14,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmark twolane against transformers baselines",
         description=(run.__doc__ or "").strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     run.add_arguments(parser)
     parser.set_defaults(func=main)

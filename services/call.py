@@ -40,6 +40,14 @@ def request_id_of(metadata: object) -> str:
     return uuid.uuid4().hex
 
 
+def begin_request(given: str | None) -> str:
+    """Make `given` (when it is a fit id, else a new one) the current request id, as an
+    HTTP front does with its `X-Request-Id` header; returns the id."""
+    request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    _CURRENT_REQUEST_ID.set(request_id)
+    return request_id
+
+
 def open_rpc(method: str, context: grpc.aio.ServicerContext) -> tuple[str, Span]:
     """Start one RPC: its request id (bound into log lines and the trailing metadata) and
     its server span, started but not made current: see `rpc_scope` and `stream_step`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ COMMAND_MODULES = (
     "twolane.services.bench_cli",
     "twolane.services.engine_core",
     "twolane.services.frontend",
+    "twolane.services.http_front",
     "twolane.services.job_runner",
     "twolane.services.keys_cli",
     "twolane.services.status_cli",
@@ -27,15 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twolane", description="LLM inference serving with an interactive and a batch lane."
     )
+    parser.add_argument("--version", action="version", version=f"twolane {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("twolane")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 # Commands that run as servers configure their own logging from their flags (as does
 # any subcommand that sets `runs_server`, such as `twolane webhooks serve`).
-SERVER_COMMANDS = frozenset({"serve", "worker", "gateway", "frontend", "engine-core", "jobs"})
+SERVER_COMMANDS = frozenset(
+    {"serve", "worker", "gateway", "frontend", "http", "engine-core", "jobs"}
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

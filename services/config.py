@@ -31,6 +31,12 @@ def default_data_dir() -> str:
     return str(Path(base) / "twolane")
 
 
+# `--nats-url` of the commands that start no nats-server of their own (gateway, worker).
+NATS_URL_REQUIRED_HELP = "URL of the shared NATS server (required: this command starts none)"
+# What they leave out: the embedded nats-server's store.
+NO_EMBEDDED_NATS = frozenset({"data_dir"})
+
+
 def _check_port(name: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"{name} must be in [0, 65535], got {port}")
@@ -273,6 +279,24 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP front (completions, chat, files and batches)."""
+
+    http_port: int = option(
+        -1,
+        "OpenAI-compatible HTTP API on this port; -1 off, 0 a free one (logged on "
+        "`http listening`)",
+    )
+    served_model_name: str = option(
+        "", "model id the HTTP API lists and accepts; empty: the --model name"
+    )
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be -1 (off) or a port, got {self.http_port}")
+
+
+@dataclass(frozen=True)
 class ChildConfig:
     """How a child process finds its engine core and tells its supervisor it is ready.
     Set by `twolane serve`; a child started by hand passes `--ipc-dir` itself."""
@@ -307,6 +331,9 @@ class FrontendProcessConfig:
     api_server_count: int = option(
         1, "gRPC frontend processes sharing the port, all clients of one engine core"
     )
+    num_fronts: int = option(
+        0, "fronts (gRPC and HTTP) splitting each tenant's rate limits; 0: --api-server-count"
+    )
     reuse_port: bool = option(
         False,
         "share the port with the other frontends of one `twolane serve` (SO_REUSEPORT); "
@@ -316,6 +343,42 @@ class FrontendProcessConfig:
     def __post_init__(self) -> None:
         if not self.child.ipc_dir:
             raise ValueError("frontend needs --ipc-dir")
+
+    @property
+    def quota_share(self) -> float:
+        """The share of each tenant's rate limits this front enforces."""
+        return 1 / (self.num_fronts or self.api_server_count)
+
+
+@dataclass(frozen=True)
+class HttpProcessConfig:
+    """`twolane http`: the OpenAI-compatible API over one engine core and the batch lane.
+
+    `listen` gives the host and the grace period; the port is `http.http_port`.
+    """
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    child: ChildConfig = field(default_factory=ChildConfig)
+    num_fronts: int = option(
+        1, "fronts (gRPC and HTTP) splitting each tenant's rate limits (each enforces 1/N)"
+    )
+    reuse_port: bool = option(
+        False,
+        "join the port `twolane serve` holds for this process (SO_REUSEPORT); the "
+        "supervisor checks first that nobody else holds it",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.child.ipc_dir:
+            raise ValueError("http needs --ipc-dir")
+        if not self.jobs.nats_url:
+            raise ValueError("http needs --nats-url")
+        if self.http.http_port < 0:
+            raise ValueError("http needs --http-port >= 0")
 
 
 @dataclass(frozen=True)
@@ -453,6 +516,7 @@ class ServeConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     metrics_port: int = option(
         -1, "Prometheus metrics over HTTP on this port; -1 off, 0 a free port (logged)"
     )

@@ -288,7 +288,7 @@ async def run_frontend(config: FrontendProcessConfig) -> None:
         )
         audit = AuditLog(security.audit_path(config.jobs.data_dir))
         stack.callback(audit.close)
-        quotas = TenantQuotas(1 / config.api_server_count, held_by_core=engine.held_for_tenant)
+        quotas = TenantQuotas(config.quota_share, held_by_core=engine.held_for_tenant)
         servicer = InferenceServicer(engine, prompts, store, quotas, audit, security.log_prompts)
         server = await start_grpc_server(
             stack,

@@ -32,6 +32,8 @@ from twolane.services.availability import Availability
 from twolane.services.cache_events import CacheIndex
 from twolane.services.call import REQUEST_ID_KEY, current_request_id
 from twolane.services.config import (
+    NATS_URL_REQUIRED_HELP,
+    NO_EMBEDDED_NATS,
     JobsConfig,
     ListenConfig,
     LogConfig,
@@ -69,7 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "given by --nats-url; the gateway starts none).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    options.add_options(gateway, GatewayConfig)
+    options.add_options(
+        gateway, GatewayConfig, skip=NO_EMBEDDED_NATS, helps={"nats_url": NATS_URL_REQUIRED_HELP}
+    )
     gateway.set_defaults(func=gateway_main)
 
 

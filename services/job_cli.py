@@ -1,10 +1,13 @@
 """`twolane submit | result | cancel | watch | batch`: the batch lane from the command line.
 
-`submit`, `result`, `cancel` and `batch` call the server through `twolane.client` (its
+`batch` reads an OpenAI Batch API input file (one request per line with a
+`custom_id`, completions or chat), checks every line before it submits any, and
+writes the output and error files in the Batch API's format. It waits on the jobs'
+completion events (NATS), and a line run before on the same model with the same
+parameters reuses its result.
+`submit`, `result` and `cancel` call the server through `twolane.client` (its
 deadlines, retries, idempotency keys and errors); `watch` reads the completion event
-from NATS itself, so it needs no gRPC server. `batch` reads OpenAI Batch API style
-JSONL (one request per line with a `custom_id`) and writes one result per line,
-matched by `custom_id`.
+from NATS itself, so it needs no gRPC server.
 """
 
 from __future__ import annotations
@@ -15,89 +18,119 @@ import contextlib
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import nats
 import nats.errors
 import nats.js.errors
 from google.protobuf import json_format
 from tqdm import tqdm
 
-from twolane.client import BatchItem, BatchProgress, Client, Sampling, TwolaneError
+from twolane.client import Client, Sampling, TwolaneError
 from twolane.client.requests import TIERS
 from twolane.services import jetstream
+from twolane.services.batch_lines import BadLine, GoodLine, parse_lines
 from twolane.services.channel import Connection, add_connection_args
 from twolane.services.config import default_data_dir, env_default
 from twolane.services.generate_cli import describe_error
 from twolane.services.jobs import NATS_CONNECT_TIMEOUT_S, connect
 from twolane.services.nats_embedded import read_url_file
-from twolane.v1 import generate_pb2, jobs_pb2
+from twolane.services.openai_format import (
+    Reply,
+    batch_refused_line,
+    batch_result_line,
+    batch_unrun_line,
+    error_body,
+    response_body,
+)
+from twolane.services.openai_schema import CHAT_COMPLETIONS
+from twolane.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2
 
 R = TypeVar("R")
 RPC_TIMEOUT_S = 30.0
 
-# Jobs of a `twolane batch` unfinished at once, unless --concurrency says otherwise.
-BATCH_CONCURRENCY = 256
+FINAL_STATES = frozenset(
+    {
+        jobs_pb2.JOB_STATE_SUCCEEDED,
+        jobs_pb2.JOB_STATE_FAILED,
+        jobs_pb2.JOB_STATE_CANCELLED,
+        jobs_pb2.JOB_STATE_EXPIRED,
+    }
+)
+MAX_CONCURRENT_CALLS = 32
+QUEUE_FULL_RETRY_S = 1.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    submit = subparsers.add_parser("submit", help="queue a job and print its id")
-    submit.add_argument("prompt")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    submit = subparsers.add_parser(
+        "submit", help="queue a job and print its id", formatter_class=formatter
+    )
+    submit.add_argument("prompt", help="the prompt text")
     _add_sampling(submit)
-    submit.add_argument("--tier", choices=tuple(TIERS), default="standard")
-    submit.add_argument("--idempotency-key", default="")
-    submit.add_argument("--custom-id", default="")
+    submit.add_argument("--tier", choices=tuple(TIERS), default="standard", help="job tier")
+    submit.add_argument(
+        "--idempotency-key", default="", help="the same key again returns the same job"
+    )
+    submit.add_argument("--custom-id", default="", help="your own id, echoed in results")
     submit.add_argument("--deadline", type=float, default=None, help="seconds from now")
     _add_webhook_url(submit)
     _add_target(submit)
     submit.set_defaults(func=submit_main)
 
-    result = subparsers.add_parser("result", help="print a job's state and result as JSON")
-    result.add_argument("job_id")
+    result = subparsers.add_parser(
+        "result", help="print a job's state and result as JSON", formatter_class=formatter
+    )
+    result.add_argument("job_id", help="the id submit printed")
     _add_target(result)
     result.set_defaults(func=result_main)
 
-    cancel = subparsers.add_parser("cancel", help="cancel a queued or running job")
-    cancel.add_argument("job_id")
+    cancel = subparsers.add_parser(
+        "cancel", help="cancel a queued or running job", formatter_class=formatter
+    )
+    cancel.add_argument("job_id", help="the id submit printed")
     _add_target(cancel)
     cancel.set_defaults(func=cancel_main)
 
     watch = subparsers.add_parser(
-        "watch", help="wait for a job's completion event on NATS and print it as JSON"
+        "watch",
+        help="wait for a job's completion event on NATS and print it as JSON",
+        formatter_class=formatter,
     )
-    watch.add_argument("job_id")
-    watch.add_argument("--tenant", default=jetstream.DEFAULT_TENANT)
-    watch.add_argument(
-        "--nats-url",
-        default=env_default("TWOLANE_NATS_URL", ""),
-        help="NATS URL; unset, the one `twolane serve` wrote to --data-dir (env TWOLANE_NATS_URL)",
-    )
-    watch.add_argument("--data-dir", default=env_default("TWOLANE_DATA_DIR", default_data_dir()))
-    watch.add_argument(
-        "--nats-creds",
-        default=env_default("TWOLANE_NATS_CREDS", ""),
-        help="file with a NATS user and password, one per line (twolane nats-creds)",
-    )
+    watch.add_argument("job_id", help="the id submit printed")
+    _add_nats(watch)
     watch.add_argument("--timeout", type=float, default=None, help="give up after this many s")
     watch.set_defaults(func=watch_main)
 
     batch = subparsers.add_parser(
-        "batch", help="run a JSONL file of requests as jobs and write their results"
+        "batch",
+        help="run a JSONL file of requests as jobs and write their results",
+        description="Run an OpenAI Batch API input file as jobs and write the output (and "
+        "error) file in the Batch API's format. Every line is checked before any is "
+        "submitted; results wait on the completion events on NATS.",
+        formatter_class=formatter,
     )
     batch.add_argument("input", type=Path, help="JSONL, one request per line with a custom_id")
     batch.add_argument("-o", "--output", type=Path, required=True, help="JSONL results")
-    batch.add_argument("--tier", choices=tuple(TIERS), default="bulk")
+    batch.add_argument(
+        "--errors",
+        type=Path,
+        default=None,
+        help="JSONL of the requests that failed (default: OUTPUT with .errors.jsonl)",
+    )
+    batch.add_argument("--tier", choices=tuple(TIERS), default="bulk", help="job tier")
     batch.add_argument("--max-tokens", type=int, default=64, help="for lines that set none")
     batch.add_argument(
-        "--concurrency",
-        type=int,
-        default=BATCH_CONCURRENCY,
-        help="most jobs submitted and not yet finished at once",
+        "--timeout", type=float, default=None, help="give up waiting after this many s"
     )
     _add_webhook_url(batch)
     _add_target(batch)
+    _add_nats(batch)
     batch.set_defaults(func=batch_main)
 
 
@@ -109,14 +142,33 @@ def _add_webhook_url(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_nats(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", default=jetstream.DEFAULT_TENANT, help="the jobs' tenant")
+    parser.add_argument(
+        "--nats-url",
+        default=env_default("TWOLANE_NATS_URL", ""),
+        help="NATS URL; unset, the one `twolane serve` wrote to --data-dir (env TWOLANE_NATS_URL)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=env_default("TWOLANE_DATA_DIR", default_data_dir()),
+        help="the server's data dir, where it writes nats.url (env TWOLANE_DATA_DIR)",
+    )
+    parser.add_argument(
+        "--nats-creds",
+        default=env_default("TWOLANE_NATS_CREDS", ""),
+        help="file with a NATS user and password, one per line (twolane nats-creds)",
+    )
+
+
 def _add_target(parser: argparse.ArgumentParser) -> None:
     add_connection_args(parser)
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -184,24 +236,26 @@ def _to_json(message: Any) -> str:
 # ---- watch --------------------------------------------------------------------------
 
 
-def watch_main(args: argparse.Namespace) -> int:
+def nats_url(args: argparse.Namespace, command: str) -> str | None:
+    """The NATS URL given, or the one the server wrote; None (said on stderr) if neither."""
     url = args.nats_url or read_url_file(Path(args.data_dir))
     if not url:
         print(
-            "twolane watch: no NATS URL: pass --nats-url, or start `twolane serve` "
-            f"with the data dir {args.data_dir}",
+            f"twolane {command}: no NATS URL: pass --nats-url, or --data-dir with the data "
+            f"dir of the `twolane serve` to use (not {args.data_dir})",
             file=sys.stderr,
         )
+    return url or None
+
+
+def watch_main(args: argparse.Namespace) -> int:
+    url = nats_url(args, "watch")
+    if url is None:
         return 2
     try:
         event = asyncio.run(watch(url, args.tenant, args.job_id, args.timeout, args.nats_creds))
     except (OSError, nats.errors.Error) as exc:
-        hint = (
-            ""
-            if args.nats_url
-            else f" (the URL {args.data_dir}/nats.url names; is `twolane serve` running?)"
-        )
-        print(f"twolane watch: {exc}{hint}", file=sys.stderr)
+        print(f"twolane watch: {exc}{_nats_hint(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -210,6 +264,12 @@ def watch_main(args: argparse.Namespace) -> int:
         return 1
     print(_to_json(event))
     return 0 if event.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+def _nats_hint(args: argparse.Namespace) -> str:
+    if args.nats_url:
+        return ""
+    return f" (the URL {args.data_dir}/nats.url names; is `twolane serve` running?)"
 
 
 async def watch(
@@ -247,165 +307,216 @@ async def _wait_for_event(
 # ---- batch --------------------------------------------------------------------------
 
 
-class BatchInputError(ValueError):
-    pass
-
-
 def batch_main(args: argparse.Namespace) -> int:
     try:
-        lines = args.input.read_text().splitlines()
-        requests = list(parse_batch(lines, TIERS[args.tier], args.max_tokens))
-    except (OSError, BatchInputError) as exc:
-        print(f"twolane batch: {exc}", file=sys.stderr)
+        text = args.input.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"twolane batch: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2
-    # The same file resubmitted reuses its jobs instead of running them again.
-    batch_key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
-    for custom_id, request in requests:
-        request.idempotency_key = f"batch-{batch_key}-{custom_id}"
-        request.webhook_url = args.webhook_url
+    lines = parse_lines(text, default_max_tokens=args.max_tokens, flat=True)
+    bad = [line for line in lines if isinstance(line, BadLine)]
+    for line in bad:
+        print(f"twolane batch: {line.describe()}", file=sys.stderr)
+    if bad:
+        print(
+            f"twolane batch: {len(bad)} of {len(lines)} lines are bad; nothing was submitted",
+            file=sys.stderr,
+        )
+        return 2
+    if not lines:
+        print(f"twolane batch: {args.input} has no requests", file=sys.stderr)
+        return 2
+    url = nats_url(args, "batch")
+    if url is None:
+        return 2
+    good = [line for line in lines if isinstance(line, GoodLine)]
+    errors_path = args.errors or args.output.with_suffix(".errors.jsonl")
     try:
-        # Polling, not completion events: a command run by hand may not reach (or be
-        # allowed on) the server's NATS, and a poll with backoff needs nothing more.
-        config = Connection.from_args(args).client_config(RPC_TIMEOUT_S, wait_on_events=False)
-        with Client(config) as client:
-            rows = run_batch(client, requests, args.concurrency)
-    except ValueError as exc:
+        outcome = asyncio.run(run_batch(args, url, good))
+    except grpc.aio.AioRpcError as err:
+        print(describe_error(err), file=sys.stderr)
+        return 1
+    except TimeoutError as exc:
         print(f"twolane batch: {exc}", file=sys.stderr)
-        return 2
-    with args.output.open("w") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    num_failed = sum(row["error"] is not None for row in rows)
+        return 1
+    except (OSError, nats.errors.Error) as exc:
+        print(f"twolane batch: {exc}{_nats_hint(args)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    _write_jsonl(args.output, outcome.results)
+    if outcome.errors:
+        _write_jsonl(errors_path, outcome.errors)
+    else:
+        errors_path.unlink(missing_ok=True)  # an earlier run's
+    for message in outcome.refused:
+        print(f"twolane batch: {message}", file=sys.stderr)
+    where = f"results in {args.output}" + (f", errors in {errors_path}" if outcome.errors else "")
     print(
-        f"{len(rows) - num_failed} of {len(rows)} requests succeeded; results in {args.output}",
+        f"{len(outcome.results)} of {len(good)} requests succeeded "
+        f"({outcome.num_reused} reused from an earlier run of the same lines on the same "
+        f"model); {where}",
         file=sys.stderr,
     )
-    return 0 if num_failed == 0 else 1
+    return 0 if not outcome.errors else 1
 
 
-def parse_batch(
-    lines: list[str], tier: jobs_pb2.JobTier.ValueType, default_max_tokens: int
-) -> Iterator[tuple[str, jobs_pb2.SubmitJobRequest]]:
-    """OpenAI Batch lines ({"custom_id", "body": {"prompt", ...}}) or flat ones."""
-    seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BatchInputError(f"line {number}: not JSON ({exc})") from exc
-        custom_id = str(row.get("custom_id", ""))
-        if not custom_id:
-            raise BatchInputError(f"line {number}: custom_id is missing")
-        if custom_id in seen:
-            raise BatchInputError(f"line {number}: custom_id {custom_id!r} is repeated")
-        seen.add(custom_id)
-        body = row.get("body", row)
-        request = generate_pb2.GenerateRequest()
-        if row.get("url") == "/v1/chat/completions" or "messages" in body:
-            _add_messages(request, body.get("messages"), number)
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str) or not prompt:
-                raise BatchInputError(f"line {number}: body.prompt must be a non-empty string")
-            request.prompt = prompt
-        try:
-            request.params.CopyFrom(_sampling_params(body, default_max_tokens))
-        except (TypeError, ValueError) as exc:
-            raise BatchInputError(f"line {number}: bad sampling parameter ({exc})") from exc
-        yield (
-            custom_id,
-            jobs_pb2.SubmitJobRequest(request=request, tier=tier, custom_id=custom_id),
-        )
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _add_messages(request: generate_pb2.GenerateRequest, messages: object, number: int) -> None:
-    """A chat line's `body.messages`: [{"role": ..., "content": "..."}, ...]."""
-    if not isinstance(messages, list) or not messages:
-        raise BatchInputError(f"line {number}: body.messages must be a non-empty list")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise BatchInputError(
-                f"line {number}: body.messages[{index}] needs a role and a string content"
+def idempotency_key(model: str, tier: str, line: GoodLine) -> str:
+    """The same request (model, tier, custom_id, prompt and every parameter) gets the
+    same key, so only it reuses an earlier result; any change runs it again."""
+    digest = hashlib.sha256()
+    for part in (model, tier, line.custom_id, line.endpoint):
+        digest.update(part.encode() + b"\0")
+    digest.update(line.request.SerializeToString(deterministic=True))
+    return "batch-" + digest.hexdigest()[:32]
+
+
+@dataclass
+class BatchOutcome:
+    results: list[dict[str, Any]] = field(default_factory=list)  # the output file's lines
+    errors: list[dict[str, Any]] = field(default_factory=list)  # the error file's
+    refused: list[str] = field(default_factory=list)  # lines the server refused, described
+    num_reused: int = 0
+
+
+async def run_batch(args: argparse.Namespace, url: str, lines: list[GoodLine]) -> BatchOutcome:
+    """Submit every line, wait for every job's completion event, return the file lines."""
+    events: dict[str, jobs_pb2.JobEvent] = {}
+    arrived = asyncio.Event()
+
+    async def on_event(msg: nats.aio.msg.Msg) -> None:
+        event = jobs_pb2.JobEvent.FromString(msg.data)
+        if event.state in FINAL_STATES:
+            events[event.job_id] = event
+            arrived.set()
+
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await connect(stack, url, "twolane-batch", args.nats_creds)
+        # Subscribed before submitting, so no event is missed.
+        await nc.subscribe(jetstream.result_subject(args.tenant, "*"), cb=on_event)
+        async with Connection.from_args(args).aio_channel() as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            stats = await stub.GetStats(inference_pb2.GetStatsRequest(), timeout=RPC_TIMEOUT_S)
+            outcome = BatchOutcome()
+            submitted = await _submit_all(
+                stub, stats.model_name, args.tier, lines, outcome, args.webhook_url
             )
-        request.messages.add(role=str(message.get("role", "")), content=message["content"])
+        await _wait_for_events(nc, args, submitted, events, arrived)
+    for line, job_id in submitted:
+        outcome_line(outcome, line, events[job_id], stats.model_name)
+    return outcome
 
 
-def _sampling_params(body: dict[str, Any], default_max_tokens: int) -> generate_pb2.SamplingParams:
-    params = generate_pb2.SamplingParams(
-        max_tokens=int(body.get("max_tokens", default_max_tokens)),
-        temperature=float(body.get("temperature", 0.0)),
-    )
-    if "top_p" in body:
-        params.top_p = float(body["top_p"])
-    if "seed" in body:
-        params.seed = int(body["seed"])
-    stop = body.get("stop") or []
-    params.stop.extend([stop] if isinstance(stop, str) else stop)
-    return params
+async def _submit_all(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+    model: str,
+    tier: str,
+    lines: list[GoodLine],
+    outcome: BatchOutcome,
+    webhook_url: str = "",
+) -> list[tuple[GoodLine, str]]:
+    limit = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
+
+    async def submit(line: GoodLine) -> tuple[GoodLine, str] | None:
+        request = jobs_pb2.SubmitJobRequest(
+            request=line.request,
+            tier=TIERS[tier],
+            custom_id=line.custom_id,
+            idempotency_key=idempotency_key(model, tier, line),
+            webhook_url=webhook_url,
+        )
+        async with limit:
+            while True:
+                try:
+                    response = await stub.SubmitJob(request, timeout=RPC_TIMEOUT_S)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        await asyncio.sleep(QUEUE_FULL_RETRY_S)  # the queue is full: wait
+                        continue
+                    if err.code() is not grpc.StatusCode.INVALID_ARGUMENT:
+                        raise
+                    refusal = describe_error(err).replace("\n", ";")
+                    outcome.refused.append(
+                        f"line {line.number} (custom_id {line.custom_id!r}): {refusal}"
+                    )
+                    outcome.errors.append(
+                        batch_refused_line(
+                            line.custom_id,
+                            f"line-{line.number}",
+                            400,
+                            error_body(
+                                f"line {line.number}: {err.details()}", "invalid_request_error"
+                            ),
+                        )
+                    )
+                    return None
+        outcome.num_reused += response.deduplicated
+        return line, response.job_id
+
+    submitted = await asyncio.gather(*(submit(line) for line in lines))
+    return [pair for pair in submitted if pair is not None]
 
 
-def run_batch(
-    client: Client, requests: list[tuple[str, jobs_pb2.SubmitJobRequest]], concurrency: int
-) -> list[dict[str, Any]]:
-    """Run every request as a job, at most `concurrency` unfinished at once; return the
-    output rows in input order. A request that could not be run gets a row with its
-    error (the first such error is also told on stderr)."""
-    done: dict[int, BatchItem] = {}
-    told = False
-    with tqdm(total=len(requests), desc="jobs", unit="job") as bar:
+async def _wait_for_events(
+    nc: nats.aio.client.Client,
+    args: argparse.Namespace,
+    submitted: list[tuple[GoodLine, str]],
+    events: dict[str, jobs_pb2.JobEvent],
+    arrived: asyncio.Event,
+) -> None:
+    """Until every job's event is in: those published before we subscribed (reused
+    jobs) are read from the results stream, the others arrive on the subscription."""
+    js = nc.jetstream()
+    for _, job_id in submitted:
+        if job_id in events:
+            continue
+        subject = jetstream.result_subject(args.tenant, job_id)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            stored = await js.get_last_msg(jetstream.RESULTS_STREAM, subject)
+            events.setdefault(job_id, jobs_pb2.JobEvent.FromString(stored.data))
+    job_ids = {job_id for _, job_id in submitted}
+    give_up_at = None if args.timeout is None else time.monotonic() + args.timeout
+    with tqdm(total=len(job_ids), desc="jobs", unit="job") as progress:
+        while True:
+            arrived.clear()
+            done = len(job_ids & events.keys())
+            progress.update(done - progress.n)
+            if done == len(job_ids):
+                return
+            remaining_s = None if give_up_at is None else give_up_at - time.monotonic()
+            if remaining_s is not None and remaining_s <= 0:
+                raise TimeoutError(f"{len(job_ids) - done} jobs did not finish in {args.timeout} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), remaining_s)
 
-        def progress(_: BatchProgress) -> None:
-            bar.update(1)
 
-        inputs = [request for _, request in requests]
-        for item in client.batch(inputs, concurrency=concurrency, on_progress=progress):
-            if item.error is not None and not told:
-                bar.write(f"twolane batch: {describe_error(item.error)}", file=sys.stderr)
-                told = True
-            done[item.index] = item
-    return [batch_row(custom_id, done[index]) for index, (custom_id, _) in enumerate(requests)]
-
-
-def batch_row(custom_id: str, item: BatchItem) -> dict[str, Any]:
-    """One output line, shaped like an OpenAI Batch API result."""
-    result = item.result
-    if result is None:
-        assert item.error is not None
-        return {
-            "id": item.job_id or None,
-            "custom_id": custom_id,
-            "response": None,
-            "error": {"code": item.error.code.name.lower(), "message": item.error.message},
-        }
-    if result.state != jobs_pb2.JOB_STATE_SUCCEEDED or not result.HasField("result"):
-        state = jobs_pb2.JobState.Name(result.state).removeprefix("JOB_STATE_").lower()
-        return {
-            "id": result.job_id,
-            "custom_id": custom_id,
-            "response": None,
-            "error": {"code": state, "message": result.error or state},
-        }
-    generated = result.result
-    return {
-        "id": result.job_id,
-        "custom_id": custom_id,
-        "response": {
-            "status_code": 200,
-            "body": {
-                "text": generated.text,
-                "token_ids": list(generated.token_ids),
-                "finish_reason": generate_pb2.FinishReason.Name(generated.finish_reason)
-                .removeprefix("FINISH_REASON_")
-                .lower(),
-                "usage": {
-                    "prompt_tokens": generated.usage.prompt_tokens,
-                    "completion_tokens": generated.usage.completion_tokens,
-                    "total_tokens": generated.usage.prompt_tokens
-                    + generated.usage.completion_tokens,
-                },
-            },
-        },
-        "error": None,
-    }
+def outcome_line(
+    outcome: BatchOutcome, line: GoodLine, event: jobs_pb2.JobEvent, model: str
+) -> None:
+    """The job's line in the output file (or, when it did not succeed, the error file)."""
+    job_id = event.job_id
+    if event.state == jobs_pb2.JOB_STATE_SUCCEEDED and event.HasField("result"):
+        reply = Reply(
+            id=("chatcmpl-" if line.endpoint == CHAT_COMPLETIONS else "cmpl-") + job_id,
+            endpoint=line.endpoint,
+            model=model or "twolane",
+            created=int(event.finished_at.seconds or time.time()),
+            logprobs=line.request.params.logprobs,
+            return_token_ids=line.return_token_ids,
+        )
+        body = response_body(reply, [event.result], None)
+        outcome.results.append(batch_result_line(line.custom_id, job_id, body))
+    elif event.state == jobs_pb2.JOB_STATE_FAILED:
+        body = error_body(event.error or "the job failed", "server_error")
+        outcome.errors.append(batch_refused_line(line.custom_id, job_id, 500, body))
+    else:
+        state = jobs_pb2.JobState.Name(event.state).removeprefix("JOB_STATE_").lower()
+        message = event.error or f"the job was {state}"
+        outcome.errors.append(batch_unrun_line(line.custom_id, job_id, f"job_{state}", message))

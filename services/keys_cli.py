@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    actions = keys.add_subparsers(
+        dest="keys_command", metavar="ACTION", required=True, help="what to do with the keys"
+    )
     create = actions.add_parser(
         "create",
         help="add a key for a tenant and print it (only the key, on stdout)",
@@ -68,7 +70,7 @@ def register_nats_creds(subparsers: argparse._SubParsersAction) -> None:
         "TWOLANE_RESULTS, and nothing else.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    creds.add_argument("--tenant", required=True)
+    creds.add_argument("--tenant", required=True, help="the tenant whose credentials to print")
     creds.add_argument(
         "--data-dir",
         default=env_default("TWOLANE_DATA_DIR", default_data_dir()),

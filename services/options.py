@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import os
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -77,8 +78,16 @@ def _parse_env(option: _Option, raw: str) -> Any:
     return raw  # argparse applies `type` to string defaults
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: frozenset[str] = frozenset()):
-    """Add a flag for every option of `cls` (and its groups) not named in `skip`."""
+def add_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: frozenset[str] = frozenset(),
+    helps: Mapping[str, str] | None = None,
+):
+    """Add a flag for every option of `cls` (and its groups) not named in `skip`;
+    `helps` replaces the help text of some (by dest), where a command means them
+    differently."""
     for option in _leaves(cls):
         if option.dest in skip:
             continue
@@ -86,7 +95,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: frozenset[s
         default = _default(f)
         if option.env in os.environ:
             default = _parse_env(option, os.environ[option.env])
-        help_text = f"{f.metadata['help']} (env {option.env})"
+        help_text = f"{(helps or {}).get(option.dest, f.metadata['help'])} (env {option.env})"
         kwargs: dict[str, Any] = {"dest": option.dest, "default": default, "help": help_text}
         if option.kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -92,6 +92,11 @@ class TenantQuotas:
         self._held_by_core = held_by_core or (lambda tenant: None)
         self._tenants: dict[str, _TenantState] = {}
 
+    @property
+    def share(self) -> float:
+        """This process's share of each rate limit."""
+        return self._share
+
     def admit(self, principal: Principal, num_tokens: int, concurrent: bool = True) -> Reservation:
         """Count one request of `num_tokens` (prompt + max_tokens) against the tenant.
 

@@ -5,14 +5,16 @@ It starts nats-server (unless `--nats-url`), then the children, each as
 
     engine-core     the scheduler, KV cache and model, in a loop of their own
     frontend (xN)   the gRPC API on one shared port, tokenizing and streaming
+    http            the OpenAI-compatible API and the Batch API (with --http-port)
     jobs            the JetStream consumer feeding the engine core batch work
     webhooks        `twolane webhooks serve`: POSTs completion events to webhook URLs
 
 A child that dies is noticed at once and started again, with backoff. On SIGTERM the
-children stop in order: frontends (draining their calls), the job runner (finishing
-or giving back its jobs), the webhook service (finishing its attempts in flight), the
-engine core, and last nats-server. The webhook service always runs: a job submitted
-with a webhook_url is never left undelivered because nobody was there to deliver it.
+children stop in order: frontends and the HTTP front (draining their calls), the job
+runner (finishing or giving back its jobs), the webhook service (finishing its attempts
+in flight), the engine core, and last nats-server. The webhook service always runs: a
+job submitted with a webhook_url is never left undelivered because nobody was there to
+deliver it.
 
 A worker's supervisor also announces the worker to the gateways and relays its
 engine's prefix-cache events (services/membership.py): on SIGTERM it says "draining"
@@ -41,9 +43,12 @@ from twolane.scheduler.config import served_model_name
 from twolane.services import jobs, nats_auth, options
 from twolane.services.availability import Availability
 from twolane.services.config import (
+    NATS_URL_REQUIRED_HELP,
+    NO_EMBEDDED_NATS,
     ChildConfig,
     EngineCoreProcessConfig,
     FrontendProcessConfig,
+    HttpProcessConfig,
     JobRunnerProcessConfig,
     ServeConfig,
     WebhookProcessConfig,
@@ -78,10 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "worker",
         help="host an engine for a gateway: run jobs from a shared NATS, serve --port",
         description="An engine core with its frontend and job runner, on a NATS shared with "
-        "other workers and gateways (--nats-url is required; no embedded nats-server).",
+        "other workers and gateways (--nats-url is required: a worker starts no nats-server).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    options.add_options(worker, WorkerConfig)
+    options.add_options(
+        worker, WorkerConfig, skip=NO_EMBEDDED_NATS, helps={"nats_url": NATS_URL_REQUIRED_HELP}
+    )
     worker.set_defaults(func=worker_main)
 
 
@@ -120,6 +127,7 @@ class Supervisor:
     ipc_dir: Path
     port: int
     metrics_dir: Path
+    http_port: int = -1  # -1: no HTTP front
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
     _background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -134,6 +142,8 @@ class Supervisor:
         jobs_config = dataclasses.replace(
             config.jobs, nats_url=self.nats_url, nats_creds=self.nats_creds
         )
+        # Each front enforces its share of a tenant's rate limits.
+        num_fronts = config.api_server_count + (1 if self.http_port >= 0 else 0)
         core = EngineCoreProcessConfig(engine=config.engine, log=config.log, child=child)
         frontend = FrontendProcessConfig(
             listen=dataclasses.replace(config.listen, port=self.port),
@@ -144,6 +154,7 @@ class Supervisor:
             log=config.log,
             child=child,
             api_server_count=config.api_server_count,
+            num_fronts=num_fronts,
             reuse_port=True,
         )
         runner = JobRunnerProcessConfig(
@@ -168,6 +179,18 @@ class Supervisor:
             Child("frontend", options.to_argv(frontend, skip=skip), env)
             for _ in range(config.api_server_count)
         ]
+        if self.http_port >= 0:
+            http = HttpProcessConfig(
+                listen=config.listen,
+                http=dataclasses.replace(config.http, http_port=self.http_port),
+                jobs=jobs_config,
+                security=config.security,
+                log=config.log,
+                child=child,
+                num_fronts=num_fronts,
+                reuse_port=True,
+            )
+            planned.append(Child("http", options.to_argv(http, skip=skip | {"port"}), env))
         planned.append(Child("jobs", options.to_argv(runner, skip=skip), env))
         planned.append(Child("webhooks", ["serve", *options.to_argv(webhooks, skip=skip)], env))
         return planned
@@ -273,7 +296,7 @@ class Supervisor:
     async def stop_all(self) -> None:
         """Stop the children in the reverse of their start order, each group in parallel."""
         self.stopping = True
-        for role in ("frontend", "jobs", "webhooks", "engine-core"):
+        for role in ("frontend", "http", "jobs", "webhooks", "engine-core"):
             group = [c for c in self.children if c.role == role and c.proc is not None]
             await asyncio.gather(*(_terminate(c, self.config.listen.grace_period_s) for c in group))
 
@@ -398,6 +421,10 @@ async def serve(config: ServeConfig) -> None:
         # Ports first: a port that is taken fails before anything starts.
         port, holder = reserve_port(config.listen.host, config.listen.port)
         stack.callback(holder.close)
+        http_port = -1
+        if config.http.http_port >= 0:
+            http_port, http_holder = reserve_port(config.listen.host, config.http.http_port)
+            stack.callback(http_holder.close)
         metrics_dir = Path(tempfile.mkdtemp(prefix="twolane-metrics-"))
         stack.callback(shutil.rmtree, metrics_dir, True)
         supervisor: Supervisor | None = None
@@ -429,7 +456,7 @@ async def serve(config: ServeConfig) -> None:
         nc = await unless_stopped(connecting, stop)
         ipc_dir = Path(tempfile.mkdtemp(prefix="twolane-ipc-"))
         stack.callback(shutil.rmtree, ipc_dir, True)
-        supervisor = Supervisor(config, nats_url, nats_creds, ipc_dir, port, metrics_dir)
+        supervisor = Supervisor(config, nats_url, nats_creds, ipc_dir, port, metrics_dir, http_port)
         announcer: WorkerAnnouncer | None = None
         if isinstance(config, WorkerConfig):
             address = advertised_address(config.cluster, config.listen.host, port)
@@ -460,7 +487,13 @@ async def serve(config: ServeConfig) -> None:
         starting.result()  # raises OSError when a child could not start
         if announcer is not None:
             announcer.wake()
-        log.info("serving", port=port, nats_url=nats_url, processes=len(supervisor.children))
+        log.info(
+            "serving",
+            port=port,
+            http_port=http_port if http_port >= 0 else None,
+            nats_url=nats_url,
+            processes=len(supervisor.children),
+        )
         await supervisor.watch(stop)
         log.info("stopping")
     log.info("stopped")

@@ -32,11 +32,21 @@ class ServerProcess:
     lines: list[str] = field(default_factory=list)
     data_dir: Path | None = None
     port: int | None = None
+    http_port: int | None = None
     _listening: threading.Event = field(default_factory=threading.Event)
+    _http_listening: threading.Event = field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (`--http-port`), once it listens."""
+        self._http_listening.wait(STARTUP_TIMEOUT_S)
+        if self.http_port is None:
+            pytest.fail(f"twolane serve reported no HTTP port; its output:\n{self.log_text()}")
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def log_text(self) -> str:
         return "".join(self.lines)
@@ -49,7 +59,11 @@ class ServerProcess:
             if self.port is None and "listening" in line and "http listening" not in line:
                 self.port = _listening_port(line)
                 self._listening.set()
+            if self.http_port is None and "http listening" in line:
+                self.http_port = _listening_port(line)
+                self._http_listening.set()
         self._listening.set()
+        self._http_listening.set()
 
     def wait_listening(self) -> None:
         self._listening.wait(STARTUP_TIMEOUT_S)

@@ -31,7 +31,7 @@ def test_quick_bench_serves_every_request_and_reports_both_baselines(tmp_path: P
     report = json.loads((tmp_path / "report.json").read_text())
     (run,) = report["runs"]
     num_requests = run["workload"]["num_requests"]
-    for system in ("twolane", "hf_static", "hf_sequential"):
+    for system in ("twolane", "twolane_http", "hf_static", "hf_sequential"):
         summary = run[system]
         assert summary["num_completed"] == num_requests, system
         assert summary["output_tokens_per_s"] > 0
@@ -39,7 +39,12 @@ def test_quick_bench_serves_every_request_and_reports_both_baselines(tmp_path: P
             assert_ordered_percentiles(summary[metric])
     lane = run["batch_lane"]
     assert lane["num_succeeded"] == lane["num_jobs"] > 0
-    assert set(run["ratios"]) >= {"throughput_vs_sequential", "throughput_vs_static"}
+    assert "twolane (HTTP /v1/completions, SSE)" in out.stdout
+    assert set(run["ratios"]) >= {
+        "throughput_vs_sequential",
+        "throughput_vs_static",
+        "http_vs_grpc_tokens",
+    }
     assert all(ratio > 0 for ratio in run["ratios"].values())
     roofline = run["roofline"]
     assert roofline["matmul_flops_per_s"] > 0 and roofline["read_bytes_per_s"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from .nats_fixtures import stream_last_seq
 from .serving import TWOLANE, ServerProcess, start_server
 
 
@@ -35,40 +37,132 @@ def nats_url(data_dir: Path) -> str:
     return (data_dir / "nats.url").read_text().strip()
 
 
-@pytest.mark.slow
-def test_batch_writes_one_result_per_line_matched_by_custom_id(
-    server: ServerProcess, tmp_path: Path
-) -> None:
-    lines = [
+def write_lines(path: Path, lines: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def completion_lines(num: int, max_tokens: int = 5) -> list[dict[str, object]]:
+    return [
         {
             "custom_id": f"request-{i}",
             "method": "POST",
             "url": "/v1/completions",
-            "body": {"model": "builtin", "prompt": f"Prompt number {i}:", "max_tokens": 5},
+            "body": {"model": "builtin", "prompt": f"Prompt number {i}:", "max_tokens": max_tokens},
         }
-        for i in range(50)
+        for i in range(num)
     ]
-    source = tmp_path / "input.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def read_rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_batch_writes_one_result_per_line_matched_by_custom_id(
+    server: ServerProcess, data_dir: Path, tmp_path: Path
+) -> None:
+    lines = completion_lines(50)
+    source = write_lines(tmp_path / "input.jsonl", lines)
     output = tmp_path / "output.jsonl"
 
-    done = twolane("batch", str(source), "-o", str(output), "--target", server.address)
+    done = twolane(
+        "batch", str(source), "-o", str(output), "--target", server.address, data_dir=data_dir
+    )
 
     assert done.returncode == 0, done.stderr
-    assert "50 of 50 requests succeeded" in done.stderr
-    rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [row["custom_id"] for row in rows] == [line["custom_id"] for line in lines]
+    assert "50 of 50 requests succeeded (0 reused" in done.stderr
+    rows = read_rows(output)
+    assert sorted(row["custom_id"] for row in rows) == sorted(line["custom_id"] for line in lines)
     assert all(row["error"] is None for row in rows)
-    assert all(row["response"]["body"]["usage"]["completion_tokens"] == 5 for row in rows)
+    assert all(row["response"]["status_code"] == 200 for row in rows)
+    bodies = [row["response"]["body"] for row in rows]
+    assert all(
+        body["object"] == "text_completion" and body["choices"][0]["text"] for body in bodies
+    )
+    assert all(body["usage"]["completion_tokens"] == 5 for body in bodies)
     assert len({row["id"] for row in rows}) == 50
+    assert not (tmp_path / "output.errors.jsonl").exists()
 
-    # The same file again reuses its jobs rather than running them twice.
+    # The same file on the same model again reuses its jobs rather than running them twice,
+    # and says so.
     again_output = tmp_path / "again.jsonl"
-    again = twolane("batch", str(source), "-o", str(again_output), "--target", server.address)
+    again = twolane(
+        "batch", str(source), "-o", str(again_output), "--target", server.address, data_dir=data_dir
+    )
     assert again.returncode == 0, again.stderr
-    assert [json.loads(line)["id"] for line in again_output.read_text().splitlines()] == [
-        row["id"] for row in rows
-    ]
+    assert "50 of 50 requests succeeded (50 reused" in again.stderr
+    assert sorted(row["id"] for row in read_rows(again_output)) == sorted(row["id"] for row in rows)
+
+
+def test_batch_checks_every_line_first_and_names_each_bad_one(
+    server: ServerProcess, data_dir: Path, tmp_path: Path
+) -> None:
+    lines = completion_lines(3)
+    lines[1]["body"]["max_token"] = 5  # type: ignore[index]
+    lines[2]["body"]["top_k"] = "many"  # type: ignore[index]
+    source = write_lines(tmp_path / "bad.jsonl", lines)
+    jobs_before = asyncio.run(stream_last_seq(nats_url(data_dir), "TWOLANE_JOBS"))
+
+    done = twolane(
+        "batch",
+        str(source),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--target",
+        server.address,
+        data_dir=data_dir,
+    )
+
+    assert done.returncode == 2
+    assert "line 2 (custom_id 'request-1'): body.max_token: unknown" in done.stderr
+    assert "line 3 (custom_id 'request-2'): body.top_k" in done.stderr
+    assert "nothing was submitted" in done.stderr
+    assert asyncio.run(stream_last_seq(nats_url(data_dir), "TWOLANE_JOBS")) == jobs_before
+
+
+def test_a_line_the_server_refuses_goes_to_the_error_file_and_the_rest_run(
+    server: ServerProcess, data_dir: Path, tmp_path: Path
+) -> None:
+    lines = completion_lines(3, max_tokens=4)
+    lines[1]["body"]["max_tokens"] = 10**6  # type: ignore[index]  # past the context
+    source = write_lines(tmp_path / "refused.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+
+    done = twolane(
+        "batch", str(source), "-o", str(output), "--target", server.address, data_dir=data_dir
+    )
+
+    assert done.returncode == 1
+    assert "line 2 (custom_id 'request-1')" in done.stderr and "max_tokens" in done.stderr
+    assert sorted(row["custom_id"] for row in read_rows(output)) == ["request-0", "request-2"]
+    (error,) = read_rows(tmp_path / "out.errors.jsonl")
+    assert error["custom_id"] == "request-1" and error["response"]["status_code"] == 400
+    assert "2 of 3 requests succeeded" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_rerun_on_another_model_runs_again_instead_of_reusing_results(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "data"
+    source = write_lines(tmp_path / "input.jsonl", completion_lines(5, max_tokens=6))
+    outputs = []
+    for model in ("builtin", str(llama_dir)):
+        server = start_server("--model", model, env={"TWOLANE_DATA_DIR": str(shared)})
+        try:
+            output = tmp_path / f"out-{len(outputs)}.jsonl"
+            done = twolane(
+                "batch", str(source), "-o", str(output), "--target", server.address, data_dir=shared
+            )
+            assert done.returncode == 0, done.stderr
+            assert "5 of 5 requests succeeded (0 reused" in done.stderr
+            outputs.append({row["custom_id"]: row for row in read_rows(output)})
+        finally:
+            server.stop()
+    builtin, llama = outputs
+    assert all(builtin[c]["id"] != llama[c]["id"] for c in builtin)
+    assert {row["response"]["body"]["model"] for row in llama.values()} == {llama_dir.name}
 
 
 def test_submit_then_watch_and_result_report_the_same_job(
@@ -110,32 +204,7 @@ def test_batch_refuses_a_line_without_custom_id(server: ServerProcess, tmp_path:
     source.write_text(json.dumps({"body": {"prompt": "x"}}) + "\n")
     done = twolane("batch", str(source), "-o", str(tmp_path / "out.jsonl"), "--target", "x:1")
     assert done.returncode == 2
-    assert "line 1: custom_id is missing" in done.stderr
-
-
-def test_a_request_the_server_refuses_fails_its_own_line_not_the_batch(
-    server: ServerProcess, tmp_path: Path
-) -> None:
-    lines = [
-        {"custom_id": "good-1", "body": {"prompt": "one", "max_tokens": 3}},
-        {"custom_id": "bad", "body": {"prompt": "two", "max_tokens": 3, "top_p": 2.0}},
-        {"custom_id": "good-2", "body": {"prompt": "three", "max_tokens": 3}},
-    ]
-    source = tmp_path / "mixed.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    output = tmp_path / "mixed-out.jsonl"
-    done = twolane("batch", str(source), "-o", str(output), "--target", server.address)
-    assert done.returncode == 1
-    assert "2 of 3 requests succeeded" in done.stderr
-    assert "INVALID_ARGUMENT" in done.stderr and "Traceback" not in done.stderr
-    rows = {row["custom_id"]: row for row in map(json.loads, output.read_text().splitlines())}
-    assert list(rows) == ["good-1", "bad", "good-2"]
-    assert rows["bad"]["response"] is None and rows["bad"]["id"] is None
-    assert rows["bad"]["error"]["code"] == "invalid_argument"
-    assert "top_p" in rows["bad"]["error"]["message"]
-    for good in ("good-1", "good-2"):
-        assert rows[good]["error"] is None
-        assert rows[good]["response"]["body"]["usage"]["completion_tokens"] == 3
+    assert "line 1: custom_id: required" in done.stderr
 
 
 def test_a_second_server_on_the_same_data_dir_is_refused(

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 
 from twolane.v1 import generate_pb2, inference_pb2_grpc
@@ -24,10 +25,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def make_run() -> Iterator[ServerProcess]:
     """`make run` as the README says, on a free port and a private data dir."""
+    data_dir = tempfile.mkdtemp(prefix="twolane-make-run-")
     env = {
         **{k: v for k, v in os.environ.items() if k != "TWOLANE_MODEL"},  # the default model
         "TWOLANE_PORT": "0",
-        "TWOLANE_DATA_DIR": tempfile.mkdtemp(prefix="twolane-make-run-"),
+        "TWOLANE_HTTP_PORT": "0",
+        "TWOLANE_DATA_DIR": data_dir,
     }
     proc = subprocess.Popen(
         ["make", "--no-print-directory", "run"],
@@ -38,7 +41,7 @@ def make_run() -> Iterator[ServerProcess]:
         env=env,
         start_new_session=True,  # its own process group: make and the server stop together
     )
-    server = ServerProcess(proc)
+    server = ServerProcess(proc, data_dir=Path(data_dir))
     threading.Thread(target=server._read_output, daemon=True).start()
     server.wait_listening()
     yield server
@@ -83,18 +86,59 @@ def test_batch_of_50_prompts_against_make_run_writes_50_results(
     make_run: ServerProcess, tmp_path: Path
 ) -> None:
     source = tmp_path / "prompts.jsonl"
-    lines = [
+    lines: list[dict[str, object]] = [
         {"custom_id": f"line-{i}", "body": {"prompt": f"Prompt {i}:", "max_tokens": 8}}
-        for i in range(50)
+        for i in range(49)
     ]
+    # A chat line among them, as the Batch API writes one.
+    lines.append(
+        {
+            "custom_id": "chat",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8},
+        }
+    )
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     output = tmp_path / "results.jsonl"
-    result = twolane("batch", str(source), "-o", str(output), "--target", make_run.address)
+    result = twolane(
+        "batch",
+        str(source),
+        "-o",
+        str(output),
+        "--target",
+        make_run.address,
+        "--data-dir",
+        str(make_run.data_dir),
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert sorted(r["custom_id"] for r in rows) == sorted(f"line-{i}" for i in range(50))
+    assert sorted(r["custom_id"] for r in rows) == sorted(str(line["custom_id"]) for line in lines)
     assert all(r["error"] is None for r in rows), rows[:3]
-    assert all(r["response"]["body"]["usage"]["completion_tokens"] == 8 for r in rows)
+    by_id = {r["custom_id"]: r["response"]["body"] for r in rows}
+    assert by_id["chat"]["object"] == "chat.completion"
+    assert by_id["chat"]["choices"][0]["message"]["role"] == "assistant"
+    assert all(by_id[f"line-{i}"]["usage"]["completion_tokens"] == 8 for i in range(49))
+
+
+def test_chat_from_the_openai_sdk_against_make_run_names_the_capital(
+    make_run: ServerProcess,
+) -> None:
+    client = openai.OpenAI(base_url=make_run.http_url, api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    reply = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=32, temperature=0
+    )
+    (choice,) = reply.choices
+    assert "Paris" in (choice.message.content or "") and choice.finish_reason == "stop"
+    assert choice.message.role == "assistant" and reply.object == "chat.completion"
+    streamed = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=32, temperature=0, stream=True
+    )
+    chunks = list(streamed)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_the_chat_repl_answers_and_keeps_the_conversation(make_run: ServerProcess) -> None:

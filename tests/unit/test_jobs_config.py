@@ -7,11 +7,11 @@ import json
 import pytest
 
 from twolane.services import options
+from twolane.services.batch_lines import BadLine, GoodLine, parse_lines
 from twolane.services.cli import build_parser
 from twolane.services.config import JobsConfig, ServeConfig
 from twolane.services.gateway import GatewayConfig
-from twolane.services.job_cli import BatchInputError, parse_batch
-from twolane.v1 import jobs_pb2
+from twolane.services.job_cli import idempotency_key
 
 
 @pytest.fixture(autouse=True)
@@ -68,30 +68,64 @@ def test_batch_reads_openai_batch_lines_and_flat_lines() -> None:
         ),
         "",
         json.dumps({"custom_id": "b", "prompt": "yo"}),
+        json.dumps({"custom_id": "c", "body": {"messages": [{"role": "user", "content": "hey"}]}}),
     ]
-    parsed = list(parse_batch(lines, jobs_pb2.JOB_TIER_BULK, default_max_tokens=9))
-    assert [custom_id for custom_id, _ in parsed] == ["a", "b"]
-    first, second = (request for _, request in parsed)
+    parsed = parse_lines("\n".join(lines), default_max_tokens=9, flat=True)
+    assert all(isinstance(line, GoodLine) for line in parsed)
+    first, second, chat = parsed
+    assert [line.number for line in parsed] == [1, 3, 4]
     assert (first.request.prompt, first.request.params.max_tokens) == ("hi", 3)
     assert (list(first.request.params.stop), first.request.params.seed) == (["\n"], 5)
-    assert (second.request.params.max_tokens, second.tier) == (9, jobs_pb2.JOB_TIER_BULK)
-    assert second.custom_id == "b"
+    assert (second.custom_id, second.request.params.max_tokens) == ("b", 9)
+    assert chat.endpoint == "/v1/chat/completions"
+    assert [(m.role, m.content) for m in chat.request.messages] == [("user", "hey")]
 
 
 @pytest.mark.parametrize(
-    ("line", "message"),
+    ("line", "custom_id", "message"),
     [
-        ("not json", "not JSON"),
-        (json.dumps({"body": {"prompt": "x"}}), "custom_id is missing"),
-        (json.dumps({"custom_id": "a", "body": {"prompt": ""}}), "body.prompt"),
+        ("not json", None, "line: not JSON"),
+        (json.dumps({"body": {"prompt": "x"}}), None, "custom_id: required"),
+        (
+            json.dumps({"custom_id": "a", "body": {"prompt": "x", "max_token": 3}}),
+            "a",
+            "body.max_token",
+        ),
+        (
+            json.dumps({"custom_id": "a", "body": {"prompt": "x", "top_k": "many"}}),
+            "a",
+            "body.top_k",
+        ),
+        (json.dumps({"custom_id": "a", "body": {"prompt": "x", "n": 2}}), "a", "body.n"),
+        (json.dumps({"custom_id": "a", "url": "/v1/embeddings", "body": {}}), "a", "url"),
     ],
 )
-def test_batch_names_the_bad_line(line: str, message: str) -> None:
-    with pytest.raises(BatchInputError, match=f"line 1: .*{message}"):
-        list(parse_batch([line], jobs_pb2.JOB_TIER_BULK, 8))
+def test_a_bad_line_is_named_by_number_custom_id_and_field(
+    line: str, custom_id: str | None, message: str
+) -> None:
+    good = json.dumps({"custom_id": "ok", "body": {"prompt": "fine"}})
+    first, bad = parse_lines(good + "\n" + line)
+    assert isinstance(first, GoodLine) and isinstance(bad, BadLine)
+    assert (bad.number, bad.custom_id) == (2, custom_id)
+    assert bad.describe().startswith("line 2")
+    assert message in bad.message
 
 
 def test_batch_refuses_a_repeated_custom_id() -> None:
-    line = json.dumps({"custom_id": "a", "prompt": "x"})
-    with pytest.raises(BatchInputError, match="repeated"):
-        list(parse_batch([line, line], jobs_pb2.JOB_TIER_BULK, 8))
+    line = json.dumps({"custom_id": "a", "body": {"prompt": "x"}})
+    first, second = parse_lines(line + "\n" + line)
+    assert isinstance(first, GoodLine) and isinstance(second, BadLine)
+    assert "repeats the one on line 1" in second.message
+
+
+def test_the_batch_idempotency_key_covers_the_model_and_every_parameter() -> None:
+    (line,) = parse_lines(json.dumps({"custom_id": "a", "body": {"prompt": "x"}}))
+    (longer,) = parse_lines(
+        json.dumps({"custom_id": "a", "body": {"prompt": "x", "max_tokens": 17}})
+    )
+    assert isinstance(line, GoodLine) and isinstance(longer, GoodLine)
+    key = idempotency_key("builtin", "bulk", line)
+    assert key == idempotency_key("builtin", "bulk", line)
+    assert key != idempotency_key("smollm2", "bulk", line)
+    assert key != idempotency_key("builtin", "urgent", line)
+    assert key != idempotency_key("builtin", "bulk", longer)

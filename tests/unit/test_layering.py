@@ -51,6 +51,7 @@ def test_the_client_imports_only_itself_and_the_api() -> None:
     "module",
     [
         "twolane.services.frontend",
+        "twolane.services.http_front",
         "twolane.services.job_runner",
         "twolane.services.supervisor",
         "twolane.services.gateway",
