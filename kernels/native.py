@@ -17,6 +17,7 @@ import argparse
 import functools
 import hashlib
 import os
+import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -106,7 +107,17 @@ def build(isa: str) -> Path:
     dist.run_command("build_ext")
     if not path.is_file():
         raise RuntimeError(f"the build finished without writing {path}")
+    _remove_stale_builds(isa)
     return path
+
+
+def _remove_stale_builds(isa: str) -> None:
+    """Builds of older sources for `isa`: never loaded again (their digest differs)."""
+    current = library_name(isa)
+    prefix = current.rsplit("_", 1)[0] + "_"
+    for old in ops_dir().glob(prefix + "*"):
+        if old.name != current and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)

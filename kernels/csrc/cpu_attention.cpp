@@ -4,16 +4,19 @@
 //   k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous
 //   slot = block_id * block_size + offset_in_block
 //
-// One work item is (sequence, KV head, slice of at most kMaxGroup query heads of the
-// group, context partition). It walks the sequence's block table in chunks of
-// kChunkTokens tokens, scores the chunk's keys against the slice's queries, updates an
-// online softmax (running max and sum, fp32) and accumulates the weighted values in
-// fp32. Keys and values are read in the cache's dtype; bf16 rows are widened to fp32
-// chunk by chunk (a shift, no rounding), never the whole context. Items run on torch's
-// intra-op threads, longest first, taken from a shared counter so that ragged contexts
-// balance. When there are too few items for the threads (small batches, long
-// contexts), each context is split into partitions whose partial results (max, sum,
-// accumulator) are merged afterwards.
+// One work item is (sequence, range of KV heads, slice of at most kMaxGroup query heads
+// of each group, context partition). It walks the sequence's block table in chunks of
+// kChunkTokens tokens; for each KV head of its range it scores the chunk's keys against
+// that head's queries, updates an online softmax (running max and sum, fp32) and
+// accumulates the weighted values in fp32. An item takes every KV head of a token row
+// when there are enough items for the threads (each block's bytes are read in one
+// sweep), and fewer heads only when there are not. Keys and values are read in the
+// cache's dtype; bf16 rows are widened to fp32 chunk by chunk (a shift, no rounding),
+// never the whole context. Queries are the cache's dtype or fp32 (a bf16 cache under
+// fp32 compute). Items run on torch's intra-op threads, longest first, taken from a
+// shared counter so that ragged contexts balance. When there are too few items for the
+// threads (small batches, long contexts), each context is also split into partitions
+// whose partial results (max, sum, accumulator) are merged afterwards.
 //
 // This file is compiled once per instruction set: CPU_CAPABILITY_AVX2 (AVX2 + FMA) or
 // CPU_CAPABILITY_AVX512 (AVX-512 F/BW/VL/DQ). at::vec::Vectorized<float> is 8 or 16 lanes.
@@ -51,6 +54,7 @@ constexpr int kMaxTileVecs = 8;   // accumulator vectors held in registers at on
 // Contexts shorter than this are never split: below it the merge costs more than it saves.
 constexpr int64_t kMinPartitionTokens = 256;
 constexpr int kItemsPerThread = 4;  // enough items per thread for the counter to balance
+constexpr int kPrefetchTokens = 8;  // rows of the next chunk prefetched per sub-chunk
 
 #if defined(CPU_CAPABILITY_AVX512)
 const char* const kIsa = "avx512";
@@ -227,101 +231,143 @@ struct CacheView {
 
 struct Item {
   int64_t seq;
-  int64_t kv_head;
-  int64_t head0;      // first query head of the slice
-  int64_t num_heads;  // query heads in the slice (<= kMaxGroup)
-  int64_t start;      // context positions [start, end)
+  int64_t kv_head0;      // KV heads [kv_head0, kv_head0 + num_kv_heads): whole rows together
+  int64_t num_kv_heads;
+  int64_t g0;            // query heads g0 .. g0 + group - 1 of each KV head's group
+  int64_t group;         // (<= kMaxGroup)
+  int64_t start;         // context positions [start, end)
   int64_t end;
-  int64_t partial;    // slot for a partial result, or -1 when the item is its output's only part
+  int64_t partial;       // first partial-result slot, or -1: the item is its output's only part
 };
 
-// Per-thread buffers, reused across items.
+// Per-thread buffers, reused across items; sized for every KV head of a row.
 struct Scratch {
-  explicit Scratch(int64_t head_dim)
-      : q(kMaxGroup * head_dim), acc(kMaxGroup * head_dim),
-        keys(kChunkTokens * head_dim), values(kChunkTokens * head_dim) {}
-  std::vector<float> q, acc, keys, values;
+  Scratch(int64_t num_kv_heads, int64_t head_dim)
+      : q(num_kv_heads * kMaxGroup * head_dim), acc(num_kv_heads * kMaxGroup * head_dim),
+        max(num_kv_heads * kMaxGroup), sum(num_kv_heads * kMaxGroup),
+        values(kChunkTokens * head_dim) {}
+  std::vector<float> q, acc, max, sum;  // [kv head][g][head_dim], [kv head][g]
+  std::vector<float> values;            // a chunk's value rows of one head, widened
   alignas(64) float scores[kMaxGroup][kChunkTokens];
-  float max[kMaxGroup];
-  float sum[kMaxGroup];
 };
+
+// Scores of one head's G queries against a chunk's keys, into s.scores. Keys of another
+// dtype are widened into `widened` first (once per key, whatever G).
+template <typename T>
+void score_head(int group, const float* q, int64_t head_dim, const T* const* keys, int n,
+                int64_t head_offset, float* widened, float (*scores)[kChunkTokens]) {
+  const float* rows[kChunkTokens];
+  for (int t = 0; t < n; ++t) {
+    if constexpr (std::is_same_v<T, float>) {
+      rows[t] = keys[t] + head_offset;
+    } else {
+      widen_row(keys[t] + head_offset, widened + t * head_dim, head_dim);
+      rows[t] = widened + t * head_dim;
+    }
+  }
+  score_chunk(group, q, head_dim, rows, n, scores);
+}
 
 // Attend one item: fills s.max, s.sum and s.acc (unnormalised) for its query heads.
 // Returns false when the block table points outside the cache.
-template <typename T>
-bool attend_item(const Item& item, const T* query_row, int64_t head_dim, float scale,
-                 const T* k_cache, const T* v_cache, const int32_t* table,
-                 const CacheView& cache, Scratch& s) {
-  const int group = static_cast<int>(item.num_heads);
-  for (int g = 0; g < group; ++g) {
-    const T* q = query_row + (item.head0 + g) * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) s.q[g * head_dim + d] = static_cast<float>(q[d]) * scale;
-    s.max[g] = -std::numeric_limits<float>::infinity();
-    s.sum[g] = 0.f;
+// T is the cache's element type, Q the query's (the cache's, or float).
+template <typename T, typename Q>
+bool attend_item(const Item& item, const Q* query_row, int64_t query_head_stride,
+                 int64_t head_dim, int64_t full_group, float scale, const T* k_cache,
+                 const T* v_cache, const int32_t* table, const CacheView& cache, Scratch& s) {
+  const int group = static_cast<int>(item.group);
+  const int64_t num_rows = item.num_kv_heads * group;  // (kv head, g) pairs of the item
+  for (int64_t h = 0; h < item.num_kv_heads; ++h) {
+    for (int g = 0; g < group; ++g) {
+      const int64_t head = (item.kv_head0 + h) * full_group + item.g0 + g;
+      const Q* q = query_row + head * query_head_stride;
+      float* dst = s.q.data() + (h * group + g) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(q[d]) * scale;
+    }
   }
-  std::fill(s.acc.begin(), s.acc.begin() + group * head_dim, 0.f);
-  constexpr bool kWiden = !std::is_same_v<T, float>;
-  const int64_t head_offset = item.kv_head * head_dim;
-  const float* key_rows[kChunkTokens];
-  const float* value_rows[kChunkTokens];
+  std::fill(s.max.begin(), s.max.begin() + num_rows, -std::numeric_limits<float>::infinity());
+  std::fill(s.sum.begin(), s.sum.begin() + num_rows, 0.f);
+  std::fill(s.acc.begin(), s.acc.begin() + num_rows * head_dim, 0.f);
+  const int64_t head_bytes = head_dim * static_cast<int64_t>(sizeof(T));
   const T* next_k[kChunkTokens];
   const T* next_v[kChunkTokens];
-  auto locate = [&](int64_t pos, const T*& k, const T*& v) -> bool {
-    int64_t block = table[pos / cache.block_size];
-    if (block < 0 || block >= cache.num_blocks) return false;
-    int64_t offset = block * cache.block_stride + (pos % cache.block_size) * cache.token_stride +
-                     head_offset;
-    k = k_cache + offset;
-    v = v_cache + offset;
-    return true;
-  };
+  // Row addresses of `n` consecutive positions from `start` (at the item's first KV head):
+  // one division per chunk, not per token, and one table read per block.
   auto gather = [&](int64_t start, int n) -> bool {
-    for (int t = 0; t < n; ++t)
-      if (!locate(start + t, next_k[t], next_v[t])) return false;
+    int64_t block_index = start / cache.block_size;
+    int64_t offset = start - block_index * cache.block_size;
+    int64_t base = 0;
+    for (int t = 0; t < n; ++t) {
+      if (t == 0 || offset == cache.block_size) {
+        if (offset == cache.block_size) {
+          ++block_index;
+          offset = 0;
+        }
+        const int64_t block = table[block_index];
+        if (block < 0 || block >= cache.num_blocks) return false;
+        base = block * cache.block_stride + item.kv_head0 * head_dim;
+      }
+      next_k[t] = k_cache + base + offset * cache.token_stride;
+      next_v[t] = v_cache + base + offset * cache.token_stride;
+      ++offset;
+    }
     return true;
   };
   int n = static_cast<int>(std::min<int64_t>(kChunkTokens, item.end - item.start));
   if (!gather(item.start, n)) return false;
   for (int64_t c0 = item.start; c0 < item.end;) {
-    const T* cur_k[kChunkTokens];
-    const T* cur_v[kChunkTokens];
-    std::copy(next_k, next_k + n, cur_k);
-    std::copy(next_v, next_v + n, cur_v);
+    const T* keys[kChunkTokens];
+    const T* values[kChunkTokens];
+    std::copy(next_k, next_k + n, keys);
+    std::copy(next_v, next_v + n, values);
     const int64_t c1 = c0 + n;
     const int next_n = static_cast<int>(std::min<int64_t>(kChunkTokens, item.end - c1));
-    if (next_n > 0) {
-      if (!gather(c1, next_n)) return false;
-      for (int t = 0; t < next_n; ++t) {
-        prefetch_row(next_k[t], head_dim * static_cast<int64_t>(sizeof(T)));
-        prefetch_row(next_v[t], head_dim * static_cast<int64_t>(sizeof(T)));
-      }
-    }
-    for (int t = 0; t < n; ++t) {
-      if constexpr (kWiden) {
-        widen_row(cur_k[t], s.keys.data() + t * head_dim, head_dim);
-        widen_row(cur_v[t], s.values.data() + t * head_dim, head_dim);
-        key_rows[t] = s.keys.data() + t * head_dim;
-        value_rows[t] = s.values.data() + t * head_dim;
-      } else {
-        key_rows[t] = reinterpret_cast<const float*>(cur_k[t]);
-        value_rows[t] = reinterpret_cast<const float*>(cur_v[t]);
-      }
-    }
-    score_chunk(group, s.q.data(), head_dim, key_rows, n, s.scores);
-    for (int g = 0; g < group; ++g) {
-      float* sc = s.scores[g];
-      float chunk_max = *std::max_element(sc, sc + n);
-      float new_max = std::max(s.max[g], chunk_max);
-      if (new_max > s.max[g]) {
-        if (s.sum[g] > 0.f) {
-          float rescale = std::exp(s.max[g] - new_max);
-          s.sum[g] *= rescale;
-          scale_row(s.acc.data() + g * head_dim, rescale, head_dim);
+    if (next_n > 0 && !gather(c1, next_n)) return false;
+    for (int64_t h = 0; h < item.num_kv_heads; ++h) {
+      const int64_t head_offset = h * head_dim;
+      float* q = s.q.data() + h * group * head_dim;
+      // Score in sub-chunks, each preceded by prefetches of the next chunk's rows of this
+      // head: spread out, they overlap the arithmetic instead of queueing in one burst.
+      for (int sub = 0; sub < n; sub += kPrefetchTokens) {
+        const int m = std::min(kPrefetchTokens, n - sub);
+        for (int t = sub; t < std::min(sub + kPrefetchTokens, next_n); ++t) {
+          prefetch_row(next_k[t] + head_offset, head_bytes);
+          prefetch_row(next_v[t] + head_offset, head_bytes);
         }
-        s.max[g] = new_max;
+        score_head<T>(group, q, head_dim, keys + sub, m, head_offset,
+                      s.values.data() + sub * head_dim,
+                      reinterpret_cast<float(*)[kChunkTokens]>(&s.scores[0][sub]));
       }
-      s.sum[g] += exp_and_sum(sc, n, new_max);
-      accumulate_values(s.acc.data() + g * head_dim, sc, value_rows, n, head_dim);
+      for (int t = n; t < next_n; ++t) {  // a next chunk longer than this one
+        prefetch_row(next_k[t] + head_offset, head_bytes);
+        prefetch_row(next_v[t] + head_offset, head_bytes);
+      }
+      const float* value_rows[kChunkTokens];
+      for (int t = 0; t < n; ++t) {
+        if constexpr (std::is_same_v<T, float>) {
+          value_rows[t] = values[t] + head_offset;
+        } else {
+          widen_row(values[t] + head_offset, s.values.data() + t * head_dim, head_dim);
+          value_rows[t] = s.values.data() + t * head_dim;
+        }
+      }
+      for (int g = 0; g < group; ++g) {
+        const int64_t r = h * group + g;
+        float* sc = s.scores[g];
+        const float chunk_max = *std::max_element(sc, sc + n);
+        const float new_max = std::max(s.max[r], chunk_max);
+        float* acc = s.acc.data() + r * head_dim;
+        if (new_max > s.max[r]) {
+          if (s.sum[r] > 0.f) {
+            const float rescale = std::exp(s.max[r] - new_max);
+            s.sum[r] *= rescale;
+            scale_row(acc, rescale, head_dim);
+          }
+          s.max[r] = new_max;
+        }
+        s.sum[r] += exp_and_sum(sc, n, new_max);
+        accumulate_values(acc, sc, value_rows, n, head_dim);
+      }
     }
     c0 = c1;
     n = next_n;
@@ -354,10 +400,11 @@ void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at:
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must be [num_blocks, block_size, num_kv_heads, head_dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() &&
-                  out.scalar_type() == k_cache.scalar_type() &&
-                  v_cache.scalar_type() == k_cache.scalar_type(),
-              "query, out and the caches must share one dtype");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() &&
+                  out.scalar_type() == query.scalar_type() &&
+                  (query.scalar_type() == k_cache.scalar_type() ||
+                   query.scalar_type() == at::kFloat),
+              "query and out must share the caches' dtype, or be float32");
   TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16,
               "paged_decode supports float32 and bfloat16, got ", k_cache.scalar_type());
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "head_dim must be the innermost dim");
@@ -374,7 +421,7 @@ void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at:
               "block_tables, seq_lens and rows must have one row per sequence");
 }
 
-template <typename T>
+template <typename T, typename Q>
 void paged_decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
                        const at::Tensor& v_cache, const at::Tensor& block_tables,
                        const at::Tensor& seq_lens, const at::Tensor& rows, double scale,
@@ -390,8 +437,8 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tenso
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* row_of = rows.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const T* q_base = query.data_ptr<T>();
-  T* out_base = out.data_ptr<T>();
+  const Q* q_base = query.data_ptr<Q>();
+  Q* out_base = out.data_ptr<Q>();
   const T* k_base = k_cache.data_ptr<T>();
   const T* v_base = v_cache.data_ptr<T>();
   const int64_t num_tokens = query.size(0);
@@ -404,37 +451,47 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tenso
     max_len = std::max<int64_t>(max_len, lens[i]);
   }
   const int64_t slices = (group + kMaxGroup - 1) / kMaxGroup;
-  const int64_t part = partition_tokens(num_seqs * num_kv_heads * slices, max_len,
-                                        requested_partition);
+  const int64_t wanted = static_cast<int64_t>(at::get_num_threads()) * kItemsPerThread;
+  const int64_t part = partition_tokens(num_seqs * slices, max_len, requested_partition);
+  int64_t num_row_items = 0;  // items if each takes whole rows (every KV head)
+  for (int64_t i = 0; i < num_seqs; ++i)
+    num_row_items += slices * std::max<int64_t>(1, (lens[i] + part - 1) / part);
+  // Whole rows read best (each block's bytes in one sweep); split the KV heads over items
+  // only when there are still too few items for the threads.
+  const int64_t head_split = std::min<int64_t>(
+      num_kv_heads, std::max<int64_t>(1, (wanted + num_row_items - 1) / num_row_items));
+  const int64_t heads_per_item = (num_kv_heads + head_split - 1) / head_split;
 
-  // An output is (sequence, KV head, slice); its parts are consecutive items.
+  // An output is (sequence, KV head range, slice); its parts are consecutive items.
   struct Output {
-    int64_t seq, kv_head, head0, num_heads, first_partial, num_parts;
+    int64_t seq, kv_head0, num_kv_heads, g0, group, first_partial, num_parts;
   };
   std::vector<Output> outputs;
   std::vector<Item> items;
-  int64_t num_partials = 0;
+  int64_t num_partials = 0;  // slots of kMaxGroup rows of each KV head
   for (int64_t i = 0; i < num_seqs; ++i) {
     const int64_t len = lens[i];
     const int64_t parts = std::max<int64_t>(1, (len + part - 1) / part);
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
+    for (int64_t h0 = 0; h0 < num_kv_heads; h0 += heads_per_item) {
+      const int64_t nh = std::min(heads_per_item, num_kv_heads - h0);
       for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {
         const int64_t ng = std::min<int64_t>(kMaxGroup, group - g0);
-        const int64_t head0 = h * group + g0;
-        outputs.push_back({i, h, head0, ng, parts > 1 ? num_partials : -1, parts});
+        outputs.push_back({i, h0, nh, g0, ng, parts > 1 ? num_partials : -1, parts});
         for (int64_t p = 0; p < parts; ++p) {
           const int64_t start = p * part;
           const int64_t end = std::min(len, start + part);
-          items.push_back({i, h, head0, ng, start, end, parts > 1 ? num_partials++ : -1});
+          items.push_back({i, h0, nh, g0, ng, start, end, parts > 1 ? num_partials : -1});
+          if (parts > 1) num_partials += nh;
         }
       }
     }
   }
   // Longest first: the last items a thread takes are the short ones.
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.end - a.start > b.end - b.start; });
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    return (a.end - a.start) * a.num_kv_heads > (b.end - b.start) * b.num_kv_heads;
+  });
 
-  // Partial results: [num_partials, kMaxGroup] max and sum, [num_partials, kMaxGroup, head_dim] acc.
+  // Partial results, per slot (one KV head of one part) and query of its group.
   std::vector<float> part_max(num_partials * kMaxGroup), part_sum(num_partials * kMaxGroup);
   std::vector<float> part_acc(num_partials * kMaxGroup * head_dim);
   std::atomic<int64_t> next_item{0};
@@ -443,45 +500,39 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tenso
   const int64_t num_items = static_cast<int64_t>(items.size());
   const int64_t num_workers =
       std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(num_items, 1));
+  auto head_index = [&](int64_t kv_head, int64_t g) { return kv_head * group + g; };
 
   at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
-    Scratch s(head_dim);
+    Scratch s(num_kv_heads, head_dim);
     for (int64_t k = next_item++; k < num_items; k = next_item++) {
       const Item& item = items[k];
       const int64_t row = row_of[item.seq];
-      const T* q_row = q_base + row * query.stride(0);
-      // query.stride(1) may differ from head_dim for a strided view: gather the slice.
-      std::vector<T> q_gathered;
-      if (query.stride(1) != head_dim) {
-        q_gathered.resize(num_heads * head_dim);
-        for (int64_t h = 0; h < num_heads; ++h)
-          std::copy(q_row + h * query.stride(1), q_row + h * query.stride(1) + head_dim,
-                    q_gathered.begin() + h * head_dim);
-        q_row = q_gathered.data();
-      }
+      const int64_t num_rows = item.num_kv_heads * item.group;
       if (item.end <= item.start) {
-        for (int g = 0; g < item.num_heads; ++g) {
-          s.max[g] = -std::numeric_limits<float>::infinity();
-          s.sum[g] = 0.f;
-        }
-        std::fill(s.acc.begin(), s.acc.end(), 0.f);
-      } else if (!attend_item<T>(item, q_row, head_dim, fscale, k_base, v_base,
-                                 tables + item.seq * max_blocks, cache, s)) {
+        std::fill(s.max.begin(), s.max.begin() + num_rows,
+                  -std::numeric_limits<float>::infinity());
+        std::fill(s.sum.begin(), s.sum.begin() + num_rows, 0.f);
+        std::fill(s.acc.begin(), s.acc.begin() + num_rows * head_dim, 0.f);
+      } else if (!attend_item<T, Q>(item, q_base + row * query.stride(0), query.stride(1),
+                                    head_dim, group, fscale, k_base, v_base,
+                                    tables + item.seq * max_blocks, cache, s)) {
         bad_table = true;
         continue;
       }
-      if (item.partial < 0) {
-        T* o = out_base + row * out.stride(0);
-        for (int g = 0; g < item.num_heads; ++g)
-          write_output(o + (item.head0 + g) * out.stride(1), s.acc.data() + g * head_dim,
-                       s.sum[g], head_dim);
-      } else {
-        for (int g = 0; g < item.num_heads; ++g) {
-          const int64_t slot = item.partial * kMaxGroup + g;
-          part_max[slot] = s.max[g];
-          part_sum[slot] = s.sum[g];
-          std::copy(s.acc.begin() + g * head_dim, s.acc.begin() + (g + 1) * head_dim,
-                    part_acc.begin() + slot * head_dim);
+      for (int64_t h = 0; h < item.num_kv_heads; ++h) {
+        for (int64_t g = 0; g < item.group; ++g) {
+          const int64_t r = h * item.group + g;
+          const float* acc = s.acc.data() + r * head_dim;
+          if (item.partial < 0) {
+            Q* o = out_base + row * out.stride(0) +
+                   head_index(item.kv_head0 + h, item.g0 + g) * out.stride(1);
+            write_output(o, acc, s.sum[r], head_dim);
+          } else {
+            const int64_t slot = (item.partial + h) * kMaxGroup + g;
+            part_max[slot] = s.max[r];
+            part_sum[slot] = s.sum[r];
+            std::copy(acc, acc + head_dim, part_acc.begin() + slot * head_dim);
+          }
         }
       }
     }
@@ -492,22 +543,28 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tenso
   std::vector<float> merged(head_dim);
   for (const Output& o : outputs) {
     if (o.first_partial < 0) continue;
-    T* out_row = out_base + row_of[o.seq] * out.stride(0);
-    for (int g = 0; g < o.num_heads; ++g) {
-      float max = -std::numeric_limits<float>::infinity();
-      for (int64_t p = 0; p < o.num_parts; ++p)
-        max = std::max(max, part_max[(o.first_partial + p) * kMaxGroup + g]);
-      float sum = 0.f;
-      std::fill(merged.begin(), merged.end(), 0.f);
-      for (int64_t p = 0; p < o.num_parts; ++p) {
-        const int64_t slot = (o.first_partial + p) * kMaxGroup + g;
-        if (part_sum[slot] == 0.f) continue;
-        const float w = std::exp(part_max[slot] - max);
-        sum += part_sum[slot] * w;
-        const float* acc = part_acc.data() + slot * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) merged[d] += acc[d] * w;
+    Q* out_row = out_base + row_of[o.seq] * out.stride(0);
+    for (int64_t h = 0; h < o.num_kv_heads; ++h) {
+      for (int64_t g = 0; g < o.group; ++g) {
+        // Part p of this output holds its KV head h in slot first_partial + p * nh + h.
+        auto slot_of = [&](int64_t p) {
+          return (o.first_partial + p * o.num_kv_heads + h) * kMaxGroup + g;
+        };
+        float max = -std::numeric_limits<float>::infinity();
+        for (int64_t p = 0; p < o.num_parts; ++p) max = std::max(max, part_max[slot_of(p)]);
+        float sum = 0.f;
+        std::fill(merged.begin(), merged.end(), 0.f);
+        for (int64_t p = 0; p < o.num_parts; ++p) {
+          const int64_t slot = slot_of(p);
+          if (part_sum[slot] == 0.f) continue;
+          const float w = std::exp(part_max[slot] - max);
+          sum += part_sum[slot] * w;
+          const float* acc = part_acc.data() + slot * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) merged[d] += acc[d] * w;
+        }
+        write_output(out_row + head_index(o.kv_head0 + h, o.g0 + g) * out.stride(1),
+                     merged.data(), sum, head_dim);
       }
-      write_output(out_row + (o.head0 + g) * out.stride(1), merged.data(), sum, head_dim);
     }
   }
 }
@@ -521,11 +578,14 @@ void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_c
   check_decode_args(out, query, k_cache, v_cache, block_tables, seq_lens, rows);
   if (seq_lens.size(0) == 0) return;
   if (k_cache.scalar_type() == at::kFloat) {
-    paged_decode_impl<float>(out, query, k_cache, v_cache, block_tables, seq_lens, rows, scale,
-                             partition_size);
+    paged_decode_impl<float, float>(out, query, k_cache, v_cache, block_tables, seq_lens, rows,
+                                    scale, partition_size);
+  } else if (query.scalar_type() == at::kFloat) {
+    paged_decode_impl<BF16, float>(out, query, k_cache, v_cache, block_tables, seq_lens, rows,
+                                   scale, partition_size);
   } else {
-    paged_decode_impl<BF16>(out, query, k_cache, v_cache, block_tables, seq_lens, rows, scale,
-                            partition_size);
+    paged_decode_impl<BF16, BF16>(out, query, k_cache, v_cache, block_tables, seq_lens, rows,
+                                  scale, partition_size);
   }
 }
 
@@ -535,10 +595,12 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(),
               "key and value must be [num_tokens, num_kv_heads, head_dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
-  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() &&
-                  value.scalar_type() == v_cache.scalar_type() &&
+  TORCH_CHECK(key.scalar_type() == value.scalar_type() &&
                   k_cache.scalar_type() == v_cache.scalar_type(),
-              "key, value and the caches must share one dtype");
+              "key and value must share a dtype, and so must the caches");
+  const bool narrow = key.scalar_type() != k_cache.scalar_type();
+  TORCH_CHECK(!narrow || (key.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16),
+              "store_kv copies rows of the caches' dtype, or rounds float32 rows into bfloat16");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
                   slot_mapping.size(0) == key.size(0),
               "slot_mapping must be contiguous int64 with one slot per token");
@@ -560,8 +622,20 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
     const int64_t slot = slots[t];
     if (slot < 0) continue;
     TORCH_CHECK(slot < num_slots, "slot_mapping[", t, "] = ", slot, " is outside the cache");
-    std::memcpy(kc + slot * bytes, kp + t * k_stride, bytes);
-    std::memcpy(vc + slot * bytes, vp + t * v_stride, bytes);
+    if (!narrow) {
+      std::memcpy(kc + slot * bytes, kp + t * k_stride, bytes);
+      std::memcpy(vc + slot * bytes, vp + t * v_stride, bytes);
+      continue;
+    }
+    // Round to nearest even, as torch's float32 -> bfloat16 conversion does.
+    auto* kd = reinterpret_cast<BF16*>(kc + slot * bytes);
+    auto* vd = reinterpret_cast<BF16*>(vc + slot * bytes);
+    const auto* ks = reinterpret_cast<const float*>(kp + t * k_stride);
+    const auto* vs = reinterpret_cast<const float*>(vp + t * v_stride);
+    for (int64_t i = 0; i < row; ++i) {
+      kd[i] = BF16(ks[i]);
+      vd[i] = BF16(vs[i]);
+    }
   }
 }
 
