@@ -56,8 +56,9 @@ class EngineConfig:
     device: str = option("cpu", "where the model runs", choices=("cpu", "cuda"))
     attention_backend: str = option(
         "auto",
-        "attention kernels: auto (torch on cpu, triton on cuda), torch or triton",
-        choices=("auto", "torch", "triton"),
+        "attention kernels: auto (the native op on cpu where it is built, else torch; "
+        "triton on cuda), native, torch or triton",
+        choices=("auto", "native", "torch", "triton"),
     )
     block_size: int = option(16, "tokens per KV block (a power of two)")
     num_blocks: int = option(0, "KV cache blocks; 0 sizes the cache from --kv-cache-bytes")
@@ -113,9 +114,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
+        if self.attention_backend not in ("auto", "native", "torch", "triton"):
             raise ValueError(
-                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+                "attention_backend must be auto, native, torch or triton, "
+                f"got {self.attention_backend!r}"
             )
         if self.max_waiting_interactive <= 0:
             raise ValueError("max_waiting_interactive must be positive")

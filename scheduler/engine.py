@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from twolane.kernels.attention import get_attention_backend
+from twolane.kernels.attention import TorchAttentionBackend, get_attention_backend
 from twolane.models.batch import BatchSequence, ForwardHook, SamplingRow
 from twolane.models.config import ModelConfig
 from twolane.models.loader import DTYPES, load_model
@@ -71,7 +71,13 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, policy
         )
-        backend = get_attention_backend(config.attention_backend, config.device)
+        backend = get_attention_backend(
+            config.attention_backend, config.device, self.model_config.head_dim, dtype
+        )
+        if isinstance(backend, TorchAttentionBackend) and backend.fallback_reason:
+            log.warning(
+                "native_attention_unavailable", reason=backend.fallback_reason, using="torch"
+            )
         self.runner = ModelRunner(
             model, self.model_config, backend, num_blocks, config.block_size, dtype, config.device
         )
