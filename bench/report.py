@@ -45,6 +45,19 @@ def _pcts(dist: dict[str, float], scale_s: bool = False) -> str:
     return " / ".join(_ms(dist[p]) for p in ("p50", "p90", "p99"))
 
 
+def _floor_note(dtype: str, roof: dict) -> str:
+    compute = roof.get("compute_dtype", dtype)
+    rate = f"{roof['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s {compute}"
+    if compute != dtype:
+        native = roof["requested_dtype_matmul_flops_per_s"] / 1e9
+        rate += f", the engine's choice here; {dtype} matmuls reach {native:.0f} GFLOP/s"
+    return (
+        f"compute floor {roof['workload_compute_floor_s']:.1f} s "
+        f"({roof['workload_flops'] / 1e12:.2f} TFLOP at {rate}): twolane reaches "
+        f"**{roof['twolane_fraction_of_compute_floor']:.0%}**"
+    )
+
+
 def run_table(run: dict) -> str:
     if "error" in run:
         return f"### {run['model']} {run['dtype']}: failed\n\n```\n{run['error']}\n```\n"
@@ -82,12 +95,7 @@ def run_table(run: dict) -> str:
     parts = [f"{k} **{v:.2f}x**" for k, v in r.items()]
     roof = run.get("roofline")
     if isinstance(roof, dict) and "twolane_fraction_of_compute_floor" in roof:
-        parts.append(
-            f"compute floor {roof['workload_compute_floor_s']:.1f} s "
-            f"({roof['workload_flops'] / 1e12:.2f} TFLOP at "
-            f"{roof['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s): twolane reaches "
-            f"**{roof['twolane_fraction_of_compute_floor']:.0%}**"
-        )
+        parts.append(_floor_note(run["dtype"], roof))
     lines += ["", "Ratios: " + "; ".join(parts) if parts else "", ""]
     if isinstance(roof, dict):
         lines += [

@@ -232,17 +232,22 @@ def measure_roofline(
     import torch
 
     from twolane.bench import roofline
+    from twolane.models.loader import compute_dtype
 
-    elem_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    # The floor is the matmul rate of the dtype the engine computes in: on a CPU without
+    # native bfloat16 matmuls, a bfloat16 run computes in float32 over a bfloat16 cache.
+    compute = compute_dtype(dtype, "cpu")
+    elem_bytes = torch.empty((), dtype=getattr(torch, compute)).element_size()
+    kv_elem_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     bandwidth = roofline.measure_read_bandwidth()
-    rate = roofline.measure_matmul_rate(shape, dtype)
+    rate = roofline.measure_matmul_rate(shape, compute)
     steps = roofline.measure_decode_steps(
         str(checkpoint), dtype, plan.roofline_batches, plan.roofline_context
     )
     decode = []
     for batch, step_s in steps.items():
         floors = roofline.decode_floor_s(
-            shape, batch, plan.roofline_context, elem_bytes, bandwidth, rate
+            shape, batch, plan.roofline_context, elem_bytes, bandwidth, rate, kv_elem_bytes
         )
         decode.append(
             {"batch": batch, "step_s": step_s, **floors, "fraction": floors["floor_s"] / step_s}
@@ -251,6 +256,11 @@ def measure_roofline(
     out: dict[str, object] = {
         "read_bytes_per_s": bandwidth,
         "matmul_flops_per_s": rate,
+        "compute_dtype": compute,
+        # What the requested dtype's own matmuls reach here, when the engine computes in another.
+        "requested_dtype_matmul_flops_per_s": (
+            rate if compute == dtype else roofline.measure_matmul_rate(shape, dtype)
+        ),
         "context": plan.roofline_context,
         "decode": decode,
         "workload_flops": flops,

@@ -54,6 +54,14 @@ class EngineConfig:
         choices=("float32", "bfloat16", "float16"),
     )
     device: str = option("cpu", "where the model runs", choices=("cpu", "cuda"))
+    bf16_compute: str = option(
+        "auto",
+        "with --dtype bfloat16 on cpu, the dtype of weights and matmuls: auto (bfloat16 "
+        "where the CPU has AVX512-BF16 or AMX, else float32 with the KV cache kept in "
+        "bfloat16: torch's bfloat16 matmuls are several times slower than float32 there), "
+        "bfloat16 or float32",
+        choices=("auto", "bfloat16", "float32"),
+    )
     attention_backend: str = option(
         "auto",
         "attention kernels: auto (the native op on cpu where it is built, else torch; "
@@ -112,6 +120,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 0, got {self.max_model_len}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.bf16_compute not in ("auto", "bfloat16", "float32"):
+            raise ValueError(
+                f"bf16_compute must be auto, bfloat16 or float32, got {self.bf16_compute!r}"
+            )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.attention_backend not in ("auto", "native", "torch", "triton"):
