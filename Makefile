@@ -97,6 +97,18 @@ gpu-check: setup ## On one CUDA GPU: kernel tests compiled, decode vs SDPA and m
 bench: setup ## Benchmark twolane vs transformers baselines (both models, fp32+bf16, ~15 min)
 	$(BIN)/twolane bench
 
+.PHONY: bench-attention
+bench-attention: setup ## Decode attention microbench: KV GB/s vs this machine's bandwidth (~2 min)
+	$(PY) -m twolane.bench.attention
+
+.PHONY: bench-profile
+bench-profile: setup ## Decode step profile (wide model, batch 64): torch vs native attention, fp32 and bf16 (~4 min)
+	for dtype in float32 bfloat16; do \
+		for backend in torch native; do \
+			$(PY) bench/profile_step.py --dtype $$dtype --attention-backend $$backend --steps 8; \
+		done; \
+	done
+
 .PHONY: bench-quick
 bench-quick: setup ## The benchmark's quick mode: tiny model, fp32, under 2 minutes
 	$(BIN)/twolane bench --quick
