@@ -138,6 +138,59 @@ def test_decode_on_two_threads_splits_long_contexts_and_matches(
         torch.set_num_threads(threads)
 
 
+def _lengths_across_blocks(batch: int, block_size: int, seed: int) -> list[int]:
+    """Ragged lengths: one block exactly, one token past it, and random ones up to 4 blocks."""
+    gen = generator(seed)
+    fixed = [block_size, block_size + 1, 1]
+    randoms = torch.randint(1, 4 * block_size + 6, (batch,), generator=gen).tolist()
+    return (fixed + randoms)[:batch]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [8, 64])
+@pytest.mark.parametrize("num_kv_heads", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_decode_matches_reference_over_batch_sizes_and_kv_heads(
+    ops: native.NativeOps, batch: int, num_kv_heads: int, block_size: int, dtype: torch.dtype
+) -> None:
+    # Many sequences give an item every KV head of a row; few split the heads over items.
+    lengths = _lengths_across_blocks(batch, block_size, seed=batch + num_kv_heads)
+    inputs = _decode_inputs(64, 2, block_size, dtype, lengths, num_kv_heads=num_kv_heads)
+    _check_decode(ops, inputs, partition=0)
+
+
+def test_decode_of_float32_queries_over_a_bfloat16_cache(ops: native.NativeOps) -> None:
+    # bfloat16 caches under float32 compute: queries and outputs stay float32.
+    inputs = _decode_inputs(64, 3, 16, torch.bfloat16, _ragged(16), num_kv_heads=2)
+    # Off the bfloat16 grid, so that a query rounded to the cache's dtype would show.
+    inputs["query"] = inputs["query"].float() + 1e-3
+    _check_decode(ops, inputs, partition=0)
+    _check_decode(ops, inputs, partition=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_reads_a_strided_query(ops: native.NativeOps, dtype: torch.dtype) -> None:
+    # Query heads further apart than head_dim: a slice of a wider tensor.
+    inputs = _decode_inputs(64, 2, 16, dtype, _ragged(16))
+    query = inputs["query"]
+    wide = torch.full((*query.shape[:2], 2 * query.shape[2]), float("nan"), dtype=dtype)
+    wide[..., : query.shape[2]] = query
+    inputs["query"] = wide[..., : query.shape[2]]
+    assert inputs["query"].stride(1) != query.shape[2]
+    _check_decode(ops, inputs, partition=0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_on_any_thread_count_matches(ops: native.NativeOps, threads: int) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = _decode_inputs(64, 4, 16, torch.float32, [700, *_ragged(16)], num_kv_heads=2)
+        _check_decode(ops, inputs, partition=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_decode_refuses_a_block_outside_the_cache(ops: native.NativeOps) -> None:
     inputs = _decode_inputs(64, 2, 16, torch.float32, [40])
     inputs["block_tables"][0, 1] = inputs["k_cache"].shape[0]
