@@ -1,8 +1,8 @@
 """The native CPU attention op (csrc/cpu_attention.cpp): built ahead of time, loaded by path.
 
 `make setup` runs `python -m twolane.kernels.native build`, which compiles the op with
-`torch.utils.cpp_extension` once per instruction set this compiler can target (AVX2+FMA,
-AVX-512) into a directory under the virtual environment. A server never compiles: it
+`torch.utils.cpp_extension` for this CPU's instruction set (AVX2+FMA or AVX-512; `--isa`
+builds others too) into a directory under the virtual environment. A server never compiles: it
 loads the library built for its CPU's instruction set (`torch.backends.cpu`), or, when
 there is none (no compiler at setup, an older build of the source, a CPU without AVX2),
 says why and serves with the torch attention path instead.
@@ -190,20 +190,22 @@ def load() -> NativeOps:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the native CPU attention op.")
     sub = parser.add_subparsers(dest="command", required=True)
-    build_cmd = sub.add_parser("build", help="compile for every instruction set the compiler has")
-    build_cmd.add_argument("--isa", choices=sorted(ISA_FLAGS), action="append")
+    build_cmd = sub.add_parser("build", help="compile for this CPU's instruction set")
+    build_cmd.add_argument(
+        "--isa", choices=sorted(ISA_FLAGS), action="append", help="build for this one (repeatable)"
+    )
     args = parser.parse_args(argv)
-    failed = []
-    for isa in args.isa or sorted(ISA_FLAGS):
+    here = cpu_isa()
+    # A library for an instruction set this CPU lacks cannot be loaded (or tested) here:
+    # build it only when asked.
+    for isa in args.isa or ([here] if here else []):
         try:
             path = build(isa)
         except Exception as e:  # a compiler failure has many types; report each and go on
-            failed.append(isa)
             print(f"native CPU attention op: {isa} build failed: {e}", file=sys.stderr)
             continue
         print(f"native CPU attention op: {isa} built at {path}")
-    here = cpu_isa()
-    if here is None or here in failed:
+    if here is None or not library_path(here).is_file():
         print(
             f"native CPU attention op: nothing to run on this CPU ({here or 'no AVX2'}); "
             "the engine will use torch attention",
