@@ -173,7 +173,8 @@ def measure_engine(
 def print_engine_rows(rows: list[EngineRow], prompt_len: int, output_len: int) -> None:
     print(
         f"\nWhole engine, wide model: {rows[0].batch} requests together, prompts of "
-        f"{prompt_len} tokens, {output_len} output tokens each (greedy)\n"
+        f"{prompt_len} tokens, {output_len} output tokens each (greedy); "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}\n"
     )
     print(
         "| KV dtype | compute dtype | attention | output tok/s (whole run) | decode tok/s "
@@ -196,14 +197,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-e2e", action="store_true", help="skip the whole-engine runs")
+    parser.add_argument("--e2e-only", action="store_true", help="only the whole-engine runs")
     parser.add_argument("--e2e-batch", type=int, default=64, help="requests run together")
     parser.add_argument("--e2e-prompt", type=int, default=256, help="prompt tokens each")
     parser.add_argument("--e2e-output", type=int, default=64, help="output tokens each")
     args = parser.parse_args()
+    if not args.e2e_only:
+        microbench(args.dtypes.split(","))
+    if args.no_e2e:
+        return
+    engine_rows = [
+        measure_engine(name, backend, args.e2e_batch, args.e2e_prompt, args.e2e_output)
+        for name in args.dtypes.split(",")
+        for backend in ("torch", "native")
+    ]
+    print_engine_rows(engine_rows, args.e2e_prompt, args.e2e_output)
+
+
+def microbench(dtype_names: list[str]) -> None:
     ops = native.load()
     bandwidth = measure_read_bandwidth()
     rows: list[Row] = []
-    for name in args.dtypes.split(","):
+    for name in dtype_names:
         dtype = getattr(torch, name)
         elem = torch.empty((), dtype=dtype).element_size()
         num_blocks = POOL_BYTES // (2 * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 4)
@@ -233,15 +248,6 @@ def main() -> None:
             f"| {r.torch_s * 1e6:.0f} | {r.gb_per_s(r.torch_s):.1f} "
             f"| {r.torch_s / r.native_s:.1f}x |"
         )
-
-    if args.no_e2e:
-        return
-    engine_rows = [
-        measure_engine(name, backend, args.e2e_batch, args.e2e_prompt, args.e2e_output)
-        for name in args.dtypes.split(",")
-        for backend in ("torch", "native")
-    ]
-    print_engine_rows(engine_rows, args.e2e_prompt, args.e2e_output)
 
 
 if __name__ == "__main__":
