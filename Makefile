@@ -113,6 +113,10 @@ bench-profile: setup ## Decode step profile (wide model, batch 64): torch vs nat
 bench-quick: setup ## The benchmark's quick mode: tiny model, fp32, under 2 minutes
 	$(BIN)/twolane bench --quick
 
+.PHONY: bench-smollm2
+bench-smollm2: setup ## SmolLM2 load time (cold, cached) and decode tok/s at batch 1 and 32 (~2 min)
+	$(PY) -m twolane.bench.smollm2
+
 .PHONY: bench-overhead
 bench-overhead: setup ## Serving's cost outside the model: served decode step vs bare forward (~3 min)
 	$(PY) -m twolane.bench.overhead

@@ -44,7 +44,9 @@ from twolane.scheduler.request import ErrorCode, Priority, SamplingParams
 
 log = structlog.get_logger(__name__)
 
-STATS_TIMEOUT_S = 10.0
+# A core mid-way through a long step answers at its next safe point (between layers); this
+# long without an answer means it is stuck. A caller's own deadline ends the wait sooner.
+STATS_TIMEOUT_S = 30.0
 # The core answers ZMTP pings from its I/O thread even mid-step; a core that stops
 # answering (frozen, or its machine gone) counts as dead after this long.
 HEARTBEAT_IVL_MS = 500

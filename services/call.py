@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import grpc
 import structlog
+from opentelemetry.trace import Span
 
 from twolane.services import tracing
 
@@ -39,21 +40,43 @@ def request_id_of(metadata: object) -> str:
     return uuid.uuid4().hex
 
 
-@contextmanager
-def rpc_scope(method: str, context: grpc.aio.ServicerContext) -> Iterator[str]:
-    """Around one RPC: its request id (yielded), its server span, its log fields."""
+def open_rpc(method: str, context: grpc.aio.ServicerContext) -> tuple[str, Span]:
+    """Start one RPC: its request id (bound into log lines and the trailing metadata) and
+    its server span, started but not made current: see `rpc_scope` and `stream_step`."""
     metadata = context.invocation_metadata()
     request_id = request_id_of(metadata)
     _CURRENT_REQUEST_ID.set(request_id)
     parent = tracing.context_from_metadata(metadata)  # type: ignore[arg-type]
-    with tracing.server_span(f"twolane.v1.InferenceService/{method}", parent) as span:
-        span.set_attribute("twolane.request_id", request_id)
-        structlog.contextvars.bind_contextvars(
-            request_id=request_id, trace_id=tracing.current_trace_id() or None
-        )
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        try:
+    span = tracing.start_server_span(f"twolane.v1.InferenceService/{method}", parent)
+    span.set_attribute("twolane.request_id", request_id)
+    structlog.contextvars.bind_contextvars(
+        request_id=request_id, trace_id=tracing.span_trace_id(span) or None
+    )
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+    return request_id, span
+
+
+@contextmanager
+def rpc_scope(method: str, context: grpc.aio.ServicerContext) -> Iterator[str]:
+    """Around one unary RPC: its request id (yielded), its span made current, log fields."""
+    request_id, span = open_rpc(method, context)
+    try:
+        with stream_step(span):
             yield request_id
-        except BaseException as exc:
-            tracing.record_error(span, exc)
-            raise
+    finally:
+        span.end()
+
+
+@contextmanager
+def stream_step(span: Span) -> Iterator[None]:
+    """`span` current for one stretch of a handler that holds no yield.
+
+    A streaming handler makes its span current around each step to its next message, never
+    across a yield: a stream the client leaves is closed later from another context, where
+    detaching a context attached here would fail (and log a traceback)."""
+    try:
+        with tracing.current_span(span):
+            yield
+    except BaseException as exc:
+        tracing.record_error(span, exc)
+        raise

@@ -590,7 +590,9 @@ class JobWorker:
         if ticket is not None:
             stored = await self.store.read(ticket.job_id)
             if stored is not None and stored.record.state not in TERMINAL_STATES:
-                tier = (raw.subject or "").rsplit(".", 1)[-1]
+                # twolane.jobs.<tier>[.<tenant>]: the tier is not always the last token.
+                lane = jetstream.lane_of_subject(raw.subject or "")
+                tier = lane[0] if lane is not None else jetstream.TIERS[-1]
                 error = (
                     f"no worker finished the job in {self.config.max_deliver} deliveries; "
                     "the last one stopped or died while running it"

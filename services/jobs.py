@@ -109,6 +109,7 @@ async def connect(
     """
     user, password = read_credentials(Path(creds)) if creds else (None, None)
     errors: list[Exception] = []
+    connected = False
 
     async def on_disconnect() -> None:
         log.warning("nats disconnected", url=url)
@@ -121,9 +122,15 @@ async def connect(
             availability.set(True)
 
     async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-        log.debug("nats error", error=repr(exc))
+        # While connecting, failures are gathered for the one error raised below. Once
+        # connected, this also hears exceptions raised in subscription callbacks.
+        if not connected:
+            errors.append(exc)
+            log.debug("nats error", error=repr(exc))
+        else:
+            log.warning("nats error", url=url, error=repr(exc))
 
+    log.info("connecting to nats", url=url, name=name, timeout_s=timeout_s)
     try:
         nc = await asyncio.wait_for(
             nats.connect(
@@ -149,6 +156,7 @@ async def connect(
         raise OSError(f"cannot reach NATS at {url} within {timeout_s:g} s{cause}") from None
     except Exception as exc:
         raise OSError(f"cannot connect to NATS at {url}: {exc}") from exc
+    connected = True
 
     watch = asyncio.ensure_future(_recheck(nc, availability)) if availability else None
 

@@ -66,6 +66,9 @@ class StopBeforeReady(Exception):
     """SIGTERM or SIGINT came while the process was still starting."""
 
 
+CANCEL_GRACE_S = 1.0
+
+
 async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T:
     """`awaitable`'s result, or StopBeforeReady as soon as `stop` is set: a process
     waiting on something that does not answer still stops when told to."""
@@ -76,8 +79,11 @@ async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T:
     if work.done():
         return work.result()
     work.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work
+    # Bounded: a client library caught mid-handshake may not end at once when cancelled
+    # (nats-py waiting for a silent server's INFO did not), and stopping must not wait on it.
+    await asyncio.wait({work}, timeout=CANCEL_GRACE_S)
+    if work.done() and not work.cancelled():
+        work.exception()  # retrieved, so it is not reported as never retrieved
     raise StopBeforeReady
 
 

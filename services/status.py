@@ -21,7 +21,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from twolane.scheduler.errors import EngineStoppedError, InvalidRequestError, QueueFullError
-from twolane.services.call import REQUEST_ID_KEY, current_request_id, rpc_scope
+from twolane.services.call import (
+    REQUEST_ID_KEY,
+    current_request_id,
+    open_rpc,
+    rpc_scope,
+    stream_step,
+)
 from twolane.services.errors import (
     FieldViolation,
     InvalidArgumentError,
@@ -113,14 +119,24 @@ def grpc_errors(handler: Handler) -> Handler:
         async def stream_wrapper(
             self: Any, request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            with rpc_scope(handler.__name__, context):
-                try:
-                    async for message in handler(self, request, context):
-                        yield message
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await _abort(context, handler.__name__, exc)
+            _, span = open_rpc(handler.__name__, context)
+            messages = handler(self, request, context)
+            try:
+                while True:
+                    with stream_step(span):
+                        try:
+                            message = await anext(messages)
+                        except StopAsyncIteration:
+                            return
+                        except grpc.aio.AbortError:
+                            raise
+                        except Exception as exc:
+                            await _abort(context, handler.__name__, exc)
+                    yield message
+            finally:
+                with stream_step(span):
+                    await messages.aclose()
+                span.end()
 
         return stream_wrapper  # type: ignore[return-value]
 

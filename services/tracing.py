@@ -85,16 +85,23 @@ def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
     return carrier
 
 
-def current_trace_id() -> str:
-    span_context = trace.get_current_span().get_span_context()
+def start_server_span(name: str, parent: otel_context.Context) -> Span:
+    """A span for one RPC, under the caller's trace (or a new one); the caller ends it."""
+    return tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+
+
+def span_trace_id(span: Span) -> str:
+    span_context = span.get_span_context()
     return format(span_context.trace_id, "032x") if span_context.is_valid else ""
 
 
 @contextmanager
-def server_span(name: str, parent: otel_context.Context) -> Iterator[Span]:
-    """A span for one RPC, under the caller's trace (or a new one)."""
-    with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER) as span:
-        yield span
+def current_span(span: Span) -> Iterator[None]:
+    """`span` is the current span inside (its end is the caller's business)."""
+    with trace.use_span(
+        span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    ):
+        yield
 
 
 def record_error(span: Span, exc: BaseException) -> None:

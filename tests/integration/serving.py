@@ -57,6 +57,14 @@ class ServerProcess:
             self.stop()
             pytest.fail(f"twolane serve did not report a port; its output:\n{self.log_text()}")
 
+    def wait_for_line(self, text: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Wait until the server has logged a line containing `text`; fail the test if not."""
+        give_up_at = time.monotonic() + timeout_s
+        while not any(text in line for line in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > give_up_at:
+                pytest.fail(f"twolane serve never logged {text!r}; its output:\n{self.log_text()}")
+            time.sleep(0.05)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -71,3 +71,24 @@ async def test_deadline_on_unary_generate_frees_blocks(
         await stub.Generate(generate_pb2.GenerateRequest(prompt="slow", params=LONG), timeout=0.5)
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     await assert_no_blocks_held(stub)
+
+
+async def test_streams_left_mid_way_leave_no_traceback_in_the_log(
+    server: ServerProcess, stub: inference_pb2_grpc.InferenceServiceStub
+) -> None:
+    """A stream the client leaves is closed by the server later, from another context; its
+    trace span must not have been left attached across that (OpenTelemetry logs a
+    'Failed to detach context' traceback when it is)."""
+    for _ in range(8):
+        call = stub.GenerateStream(generate_pb2.GenerateStreamRequest(prompt="go", params=LONG))
+        await call.read()
+        assert call.cancel()
+        channel = grpc.aio.insecure_channel(server.address)
+        own_stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = generate_pb2.GenerateStreamRequest(prompt="away", params=LONG)
+        own_call = own_stub.GenerateStream(request)
+        await own_call.read()
+        await channel.close(grace=None)
+    await assert_no_blocks_held(stub)
+    assert "Failed to detach context" not in server.log_text()
+    assert "Traceback" not in server.log_text()

@@ -27,6 +27,9 @@ async def test_a_job_whose_only_worker_dies_on_its_last_delivery_is_dead_lettere
         args = ("serve", "--port", "0", "--nats-url", nats_server.url)
         # Two workers, both up before one dies, so a live one hears JetStream give up.
         workers = [start_process(*args, env=ONE_DELIVERY) for _ in range(2)]
+        for worker in workers:
+            # Listening is the frontend's line; the job runner comes up after it.
+            worker.wait_for_line("job worker started")
         async with grpc.aio.insecure_channel(workers[0].address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             job_id = (await stub.SubmitJob(job_request("never ends", max_tokens=2000))).job_id

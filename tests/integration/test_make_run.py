@@ -11,7 +11,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+
+from twolane.v1 import generate_pb2, inference_pb2_grpc
 
 from .serving import TWOLANE, ServerProcess
 
@@ -95,15 +98,35 @@ def test_batch_of_50_prompts_against_make_run_writes_50_results(
 
 
 def test_the_chat_repl_answers_and_keeps_the_conversation(make_run: ServerProcess) -> None:
-    turns = "What is the capital of France?\n/reset\nWhat is the capital of Italy?\n"
+    france, italy = "What is the capital of France?", "What is the capital of Italy?"
     result = subprocess.run(
         [TWOLANE, "chat", "--target", make_run.address, "--max-tokens", "24"],
-        input=turns,
+        input=f"{france}\n{italy}\n/reset\n{italy}\n",
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    replies = result.stdout
-    assert "Paris" in replies and "Rome" in replies, replies
-    assert "<|im_end|>" not in replies
+    replies = [r.removesuffix("\n") for r in result.stdout.split("you> ") if r]
+    assert len(replies) == 3, result.stdout
+    assert "Paris" in replies[0], replies
+    assert "<|im_end|>" not in result.stdout
+    # The referee is the server itself, asked for the same conversations in one call each:
+    # the second turn carries the first (question and answer); after /reset it does not.
+    user = generate_pb2.ChatMessage
+    with grpc.insecure_channel(make_run.address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+        def answer(*messages: generate_pb2.ChatMessage) -> str:
+            params = generate_pb2.SamplingParams(max_tokens=24)
+            request = generate_pb2.GenerateRequest(messages=messages, params=params)
+            return stub.Generate(request, timeout=120).text
+
+        first = answer(user(role="user", content=france))
+        with_history = answer(
+            user(role="user", content=france),
+            user(role="assistant", content=first),
+            user(role="user", content=italy),
+        )
+        fresh = answer(user(role="user", content=italy))
+    assert replies == [first, with_history, fresh]

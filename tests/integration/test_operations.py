@@ -97,12 +97,23 @@ def test_a_gateway_waiting_for_nats_stops_on_sigterm(silent_nats: str) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(1.5)  # waiting on the silent NATS, well within its connect timeout
+    # Its signal handlers are in place before it connects; SIGTERM it while it waits on
+    # the silent NATS, well within its connect timeout.
+    killer = threading.Timer(60, proc.kill)  # never hang the suite on a gateway gone wrong
+    killer.start()
+    assert proc.stdout is not None
+    early: list[str] = []
+    for line in iter(proc.stdout.readline, ""):
+        early.append(line)
+        if "connecting to nats" in line:
+            break
+    killer.cancel()
+    assert "connecting to nats" in early[-1], "".join(early)
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
-    assert "stopped before it was ready" in output
+    assert "stopped before it was ready" in "".join(early) + output
 
 
 @pytest.mark.parametrize(
