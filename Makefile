@@ -98,7 +98,7 @@ bench: setup ## Benchmark twolane vs transformers baselines (both models, fp32+b
 	$(BIN)/twolane bench
 
 .PHONY: bench-attention
-bench-attention: setup ## Decode attention microbench: KV GB/s vs this machine's bandwidth (~2 min)
+bench-attention: setup ## Decode attention: KV GB/s vs measured bandwidth, native vs torch; then engine tok/s per backend
 	$(PY) -m twolane.bench.attention
 
 .PHONY: bench-profile
