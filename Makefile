@@ -43,11 +43,23 @@ test: setup check-proto ## Run the whole test suite (unit, kernels, integration)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: setup ## Run buf lint, buf format and ruff (lint and format check)
+lint: setup typecheck ## Run buf lint, buf format, ruff (lint and format check) and mypy
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy reads the packages from a tree laid out as they are installed (twolane.client,
+# twolane.v1): the editable install maps those names with an import hook mypy cannot
+# follow.
+MYPY_TREE := .mypy-tree
+
+.PHONY: typecheck
+typecheck: setup ## Type-check twolane.client (and the generated stubs it uses) with mypy
+	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)/twolane
+	ln -s $(CURDIR)/client $(MYPY_TREE)/twolane/client
+	ln -s $(CURDIR)/proto/twolane/v1 $(MYPY_TREE)/twolane/v1
+	MYPYPATH=$(MYPY_TREE) $(BIN)/mypy -p twolane.client
 
 PROTO_ROOT := proto
 PROTO_FILES := $(sort $(wildcard $(PROTO_ROOT)/twolane/v1/*.proto))

@@ -1,4 +1,8 @@
-"""How the CLI commands reach a server: address, API key and TLS, from flags or env."""
+"""How the CLI commands reach a server: address, API key and TLS, from flags or env.
+
+The commands that call the API do it through `twolane.client` (`client_config`), so
+they retry, time out and report errors as every other caller of the client does.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from twolane.client import ClientConfig
 from twolane.services.config import DEFAULT_PORT, env_default
 
 
@@ -23,6 +28,22 @@ class Connection:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Connection:
         return cls(args.target, args.api_key, args.tls_ca, args.tls_cert, args.tls_key)
+
+    def client_config(self, deadline_s: float | None, **changes: Any) -> ClientConfig:
+        """The configuration of a `twolane.client` client for this server.
+
+        Raises:
+            ValueError: the TLS files do not go together (a key without a certificate).
+        """
+        return ClientConfig(
+            targets=(self.target,),
+            api_key=self.api_key,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            deadline_s=deadline_s,
+            **changes,
+        )
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from twolane.client import Client, Message, Sampling, TwolaneError
+from twolane.client.errors import from_rpc_error
 from twolane.services.channel import Connection, add_connection_args
-from twolane.v1 import generate_pb2, inference_pb2_grpc
 
 CHAT_HELP = "a conversation: type a message, Enter sends it; /reset starts over, Ctrl-D quits"
 
@@ -58,66 +56,71 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add("--timeout", type=float, default=120.0, help="deadline of each call, in seconds")
 
 
-def sampling_params(args: argparse.Namespace) -> generate_pb2.SamplingParams:
-    params = generate_pb2.SamplingParams(
+def sampling_of(args: argparse.Namespace) -> Sampling:
+    """The sampling flags as the client's keyword arguments (top_p and seed only when
+    given: unset, the server's defaults apply)."""
+    sampling = Sampling(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, stop=args.stop
     )
     if args.top_p is not None:
-        params.top_p = args.top_p
+        sampling["top_p"] = args.top_p
     if args.seed is not None:
-        params.seed = args.seed
-    return params
+        sampling["seed"] = args.seed
+    return sampling
 
 
-def _opening(args: argparse.Namespace) -> list[generate_pb2.ChatMessage]:
-    return [generate_pb2.ChatMessage(role="system", content=args.system)] if args.system else []
+def _opening(args: argparse.Namespace) -> list[Message]:
+    return [("system", args.system)] if args.system else []
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """A client of the server the flags name, with --timeout as each call's deadline.
+
+    Raises:
+        ValueError: the TLS flags do not go together.
+    """
+    return Client(Connection.from_args(args).client_config(args.timeout))
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    params = sampling_params(args)
-    fields: dict[str, object] = {"params": params}
+    sampling = sampling_of(args)
+    messages: list[Message] | None = None
     if args.chat or args.system:
-        fields["messages"] = [
-            *_opening(args),
-            generate_pb2.ChatMessage(role="user", content=args.prompt),
-        ]
-    else:
-        fields["prompt"] = args.prompt
-    with Connection.from_args(args).channel() as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        messages = [*_opening(args), ("user", args.prompt)]
+    prompt = None if messages is not None else args.prompt
+    try:
+        client = _client(args)
+    except ValueError as exc:
+        print(f"twolane generate: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             if args.stream and not args.json:
-                request = generate_pb2.GenerateStreamRequest(**fields)  # type: ignore[arg-type]
-                for text in _stream_text(stub, request, args.timeout):
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
+                with client.stream(prompt, messages=messages, **sampling) as stream:
+                    for text in stream:
+                        sys.stdout.write(text)
+                        sys.stdout.flush()
                 sys.stdout.write("\n")
             else:
-                request = generate_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]
-                reply = stub.Generate(request, timeout=args.timeout)
+                reply = client.generate(prompt, messages=messages, **sampling)
                 print(json_format.MessageToJson(reply) if args.json else reply.text)
-        except grpc.RpcError as err:
-            print(describe_error(err), file=sys.stderr)
+        except TwolaneError as error:
+            print(describe_error(error), file=sys.stderr)
             return 1
     return 0
 
 
-def _stream_text(
-    stub: inference_pb2_grpc.InferenceServiceStub,
-    request: generate_pb2.GenerateStreamRequest,
-    timeout_s: float,
-) -> Iterator[str]:
-    for chunk in stub.GenerateStream(request, timeout=timeout_s):
-        yield chunk.text
-
-
 def chat_main(args: argparse.Namespace) -> int:
     """A REPL that keeps the conversation and streams each reply."""
-    params = sampling_params(args)
+    sampling = sampling_of(args)
     history = _opening(args)
     print(f"# {CHAT_HELP}", file=sys.stderr)
-    with Connection.from_args(args).channel() as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    try:
+        client = _client(args)
+    except ValueError as exc:
+        print(f"twolane chat: {exc}", file=sys.stderr)
+        return 2
+    with client:
         while True:
             try:
                 line = input("you> ").strip()
@@ -129,30 +132,28 @@ def chat_main(args: argparse.Namespace) -> int:
             if line == "/reset":
                 history = _opening(args)
                 continue
-            history.append(generate_pb2.ChatMessage(role="user", content=line))
-            request = generate_pb2.GenerateStreamRequest(messages=history, params=params)
+            history.append(("user", line))
             reply: list[str] = []
             try:
-                for text in _stream_text(stub, request, args.timeout):
-                    reply.append(text)
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-            except grpc.RpcError as err:
+                with client.stream(messages=history, **sampling) as stream:
+                    for text in stream:
+                        reply.append(text)
+                        sys.stdout.write(text)
+                        sys.stdout.flush()
+            except TwolaneError as error:
                 history.pop()
-                print(f"\n{describe_error(err)}", file=sys.stderr)
+                print(f"\n{describe_error(error)}", file=sys.stderr)
                 continue
             except KeyboardInterrupt:
                 print("\n(interrupted)", file=sys.stderr)
             sys.stdout.write("\n")
-            history.append(generate_pb2.ChatMessage(role="assistant", content="".join(reply)))
+            history.append(("assistant", "".join(reply)))
 
 
-def describe_error(err: grpc.RpcError) -> str:
+def describe_error(error: TwolaneError | grpc.RpcError) -> str:
     """The status code, message and any field violations, for people."""
-    lines = [f"error: {err.code().name}: {err.details()}"]  # type: ignore[attr-defined]
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            lines += [f"  {v.field}: {v.description}" for v in bad_request.field_violations]
+    if not isinstance(error, TwolaneError):
+        error = from_rpc_error(error)
+    lines = [f"error: {error.code.name}: {error.message}"]
+    lines += [f"  {v.field}: {v.description}" for v in error.field_violations]
     return "\n".join(lines)

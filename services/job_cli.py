@@ -1,7 +1,10 @@
-"""`twolane submit | result | watch | batch`: the batch lane from the command line.
+"""`twolane submit | result | cancel | watch | batch`: the batch lane from the command line.
 
-`batch` reads OpenAI Batch API style JSONL (one request per line with a
-`custom_id`) and writes one result per line, matched by `custom_id`.
+`submit`, `result`, `cancel` and `batch` call the server through `twolane.client` (its
+deadlines, retries, idempotency keys and errors); `watch` reads the completion event
+from NATS itself, so it needs no gRPC server. `batch` reads OpenAI Batch API style
+JSONL (one request per line with a `custom_id`) and writes one result per line,
+matched by `custom_id`.
 """
 
 from __future__ import annotations
@@ -12,44 +15,31 @@ import contextlib
 import hashlib
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 import nats
 import nats.errors
 import nats.js.errors
 from google.protobuf import json_format
 from tqdm import tqdm
 
+from twolane.client import BatchItem, BatchProgress, Client, Sampling, TwolaneError
+from twolane.client.requests import TIERS
 from twolane.services import jetstream
 from twolane.services.channel import Connection, add_connection_args
 from twolane.services.config import default_data_dir, env_default
 from twolane.services.generate_cli import describe_error
 from twolane.services.jobs import NATS_CONNECT_TIMEOUT_S, connect
 from twolane.services.nats_embedded import read_url_file
-from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
+from twolane.v1 import generate_pb2, jobs_pb2
 
 R = TypeVar("R")
 RPC_TIMEOUT_S = 30.0
 
-TIERS = {
-    "urgent": jobs_pb2.JOB_TIER_URGENT,
-    "standard": jobs_pb2.JOB_TIER_STANDARD,
-    "bulk": jobs_pb2.JOB_TIER_BULK,
-}
-FINAL_STATES = frozenset(
-    {
-        jobs_pb2.JOB_STATE_SUCCEEDED,
-        jobs_pb2.JOB_STATE_FAILED,
-        jobs_pb2.JOB_STATE_CANCELLED,
-        jobs_pb2.JOB_STATE_EXPIRED,
-    }
-)
-POLL_INTERVAL_S = 0.2
-MAX_CONCURRENT_CALLS = 32
+# Jobs of a `twolane batch` unfinished at once, unless --concurrency says otherwise.
+BATCH_CONCURRENCY = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -99,6 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("-o", "--output", type=Path, required=True, help="JSONL results")
     batch.add_argument("--tier", choices=tuple(TIERS), default="bulk")
     batch.add_argument("--max-tokens", type=int, default=64, help="for lines that set none")
+    batch.add_argument(
+        "--concurrency",
+        type=int,
+        default=BATCH_CONCURRENCY,
+        help="most jobs submitted and not yet finished at once",
+    )
     _add_target(batch)
     batch.set_defaults(func=batch_main)
 
@@ -118,21 +114,19 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
 
 
 def submit_main(args: argparse.Namespace) -> int:
-    params = generate_pb2.SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop
-    )
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop)
     if args.seed is not None:
-        params.seed = args.seed
-    request = jobs_pb2.SubmitJobRequest(
-        request=generate_pb2.GenerateRequest(prompt=args.prompt, params=params),
-        tier=TIERS[args.tier],
-        idempotency_key=args.idempotency_key,
-        custom_id=args.custom_id,
-    )
-    if args.deadline is not None:
-        request.deadline.FromNanoseconds(time.time_ns() + int(args.deadline * 1e9))
-    response = _call_once(
-        Connection.from_args(args), lambda stub: stub.SubmitJob(request, timeout=RPC_TIMEOUT_S)
+        sampling["seed"] = args.seed
+    response = _call(
+        args,
+        lambda client: client.submit(
+            args.prompt,
+            tier=args.tier,
+            idempotency_key=args.idempotency_key or None,
+            custom_id=args.custom_id,
+            job_deadline_s=args.deadline,
+            **sampling,
+        ),
     )
     if response is None:
         return 1
@@ -141,10 +135,7 @@ def submit_main(args: argparse.Namespace) -> int:
 
 
 def result_main(args: argparse.Namespace) -> int:
-    request = jobs_pb2.GetResultRequest(job_id=args.job_id)
-    response = _call_once(
-        Connection.from_args(args), lambda stub: stub.GetResult(request, timeout=RPC_TIMEOUT_S)
-    )
+    response = _call(args, lambda client: client.result(args.job_id))
     if response is None:
         return 1
     print(_to_json(response))
@@ -152,25 +143,26 @@ def result_main(args: argparse.Namespace) -> int:
 
 
 def cancel_main(args: argparse.Namespace) -> int:
-    request = jobs_pb2.CancelJobRequest(job_id=args.job_id)
-    response = _call_once(
-        Connection.from_args(args), lambda stub: stub.CancelJob(request, timeout=RPC_TIMEOUT_S)
-    )
+    response = _call(args, lambda client: client.cancel(args.job_id))
     if response is None:
         return 1
     print(_to_json(response))
     return 0
 
 
-def _call_once(
-    connection: Connection, call: Callable[[inference_pb2_grpc.InferenceServiceStub], R]
-) -> R | None:
-    """One RPC on a channel of its own; on failure, say why on stderr and return None."""
-    with connection.channel() as channel:
+def _call(args: argparse.Namespace, call: Callable[[Client], R]) -> R | None:
+    """One call through a client of its own; on failure, say why on stderr and return
+    None."""
+    try:
+        client = Client(Connection.from_args(args).client_config(RPC_TIMEOUT_S))
+    except ValueError as exc:
+        print(f"twolane {args.command}: {exc}", file=sys.stderr)
+        return None
+    with client:
         try:
-            return call(inference_pb2_grpc.InferenceServiceStub(channel))
-        except grpc.RpcError as err:
-            print(describe_error(err), file=sys.stderr)
+            return call(client)
+        except TwolaneError as error:
+            print(describe_error(error), file=sys.stderr)
             return None
 
 
@@ -260,10 +252,14 @@ def batch_main(args: argparse.Namespace) -> int:
     for custom_id, request in requests:
         request.idempotency_key = f"batch-{batch_key}-{custom_id}"
     try:
-        rows = asyncio.run(run_batch(Connection.from_args(args), requests))
-    except grpc.aio.AioRpcError as err:
-        print(describe_error(err), file=sys.stderr)
-        return 1
+        # Polling, not completion events: a command run by hand may not reach (or be
+        # allowed on) the server's NATS, and a poll with backoff needs nothing more.
+        config = Connection.from_args(args).client_config(RPC_TIMEOUT_S, wait_on_events=False)
+        with Client(config) as client:
+            rows = run_batch(client, requests, args.concurrency)
+    except ValueError as exc:
+        print(f"twolane batch: {exc}", file=sys.stderr)
+        return 2
     with args.output.open("w") as out:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -338,41 +334,39 @@ def _sampling_params(body: dict[str, Any], default_max_tokens: int) -> generate_
     return params
 
 
-async def run_batch(
-    connection: Connection, requests: list[tuple[str, jobs_pb2.SubmitJobRequest]]
+def run_batch(
+    client: Client, requests: list[tuple[str, jobs_pb2.SubmitJobRequest]], concurrency: int
 ) -> list[dict[str, Any]]:
-    """Submit every request, wait for every job, return output rows in input order."""
-    limit = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
-    async with connection.aio_channel() as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    """Run every request as a job, at most `concurrency` unfinished at once; return the
+    output rows in input order. A request that could not be run gets a row with its
+    error (the first such error is also told on stderr)."""
+    done: dict[int, BatchItem] = {}
+    told = False
+    with tqdm(total=len(requests), desc="jobs", unit="job") as bar:
 
-        async def submit(request: jobs_pb2.SubmitJobRequest) -> jobs_pb2.SubmitJobResponse:
-            async with limit:
-                return await stub.SubmitJob(request, timeout=60)
+        def progress(_: BatchProgress) -> None:
+            bar.update(1)
 
-        submitted = await asyncio.gather(*(submit(request) for _, request in requests))
-        with tqdm(total=len(requests), desc="jobs", unit="job") as progress:
-
-            async def finish(job_id: str) -> jobs_pb2.GetResultResponse:
-                while True:
-                    async with limit:
-                        result = await stub.GetResult(
-                            jobs_pb2.GetResultRequest(job_id=job_id), timeout=60
-                        )
-                    if result.state in FINAL_STATES:
-                        progress.update(1)
-                        return result
-                    await asyncio.sleep(POLL_INTERVAL_S)
-
-            results = await asyncio.gather(*(finish(s.job_id) for s in submitted))
-    return [
-        batch_row(custom_id, result)
-        for (custom_id, _), result in zip(requests, results, strict=True)
-    ]
+        inputs = [request for _, request in requests]
+        for item in client.batch(inputs, concurrency=concurrency, on_progress=progress):
+            if item.error is not None and not told:
+                bar.write(f"twolane batch: {describe_error(item.error)}", file=sys.stderr)
+                told = True
+            done[item.index] = item
+    return [batch_row(custom_id, done[index]) for index, (custom_id, _) in enumerate(requests)]
 
 
-def batch_row(custom_id: str, result: jobs_pb2.GetResultResponse) -> dict[str, Any]:
+def batch_row(custom_id: str, item: BatchItem) -> dict[str, Any]:
     """One output line, shaped like an OpenAI Batch API result."""
+    result = item.result
+    if result is None:
+        assert item.error is not None
+        return {
+            "id": item.job_id or None,
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": item.error.code.name.lower(), "message": item.error.message},
+        }
     if result.state != jobs_pb2.JOB_STATE_SUCCEEDED or not result.HasField("result"):
         state = jobs_pb2.JobState.Name(result.state).removeprefix("JOB_STATE_").lower()
         return {

@@ -113,6 +113,31 @@ def test_batch_refuses_a_line_without_custom_id(server: ServerProcess, tmp_path:
     assert "line 1: custom_id is missing" in done.stderr
 
 
+def test_a_request_the_server_refuses_fails_its_own_line_not_the_batch(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    lines = [
+        {"custom_id": "good-1", "body": {"prompt": "one", "max_tokens": 3}},
+        {"custom_id": "bad", "body": {"prompt": "two", "max_tokens": 3, "top_p": 2.0}},
+        {"custom_id": "good-2", "body": {"prompt": "three", "max_tokens": 3}},
+    ]
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "mixed-out.jsonl"
+    done = twolane("batch", str(source), "-o", str(output), "--target", server.address)
+    assert done.returncode == 1
+    assert "2 of 3 requests succeeded" in done.stderr
+    assert "INVALID_ARGUMENT" in done.stderr and "Traceback" not in done.stderr
+    rows = {row["custom_id"]: row for row in map(json.loads, output.read_text().splitlines())}
+    assert list(rows) == ["good-1", "bad", "good-2"]
+    assert rows["bad"]["response"] is None and rows["bad"]["id"] is None
+    assert rows["bad"]["error"]["code"] == "invalid_argument"
+    assert "top_p" in rows["bad"]["error"]["message"]
+    for good in ("good-1", "good-2"):
+        assert rows[good]["error"] is None
+        assert rows[good]["response"]["body"]["usage"]["completion_tokens"] == 3
+
+
 def test_a_second_server_on_the_same_data_dir_is_refused(
     server: ServerProcess, data_dir: Path
 ) -> None:

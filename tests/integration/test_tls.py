@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from twolane.client import Client, ClientConfig, RetryPolicy, Unavailable
 from twolane.v1 import generate_pb2, inference_pb2_grpc
 
 from .serving import start_server
@@ -126,5 +127,31 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(certs: Certific
         credentials = trusting(certs, certs.client)
         async with grpc.aio.secure_channel(server.address, credentials) as known:
             assert len((await generate(known)).token_ids) == 2
+    finally:
+        server.stop()
+
+
+def test_the_python_client_speaks_mutual_tls(certs: Certificates) -> None:
+    server = start_server(
+        "--tls-cert",
+        str(certs.server.cert),
+        "--tls-key",
+        str(certs.server.key),
+        "--tls-client-ca",
+        str(certs.ca.cert),
+    )
+    config = ClientConfig(
+        targets=(server.address,),
+        tls_ca=str(certs.ca.cert),
+        tls_cert=str(certs.client.cert),
+        tls_key=str(certs.client.key),
+        retry=RetryPolicy(max_attempts=1),
+    )
+    try:
+        with Client(config) as client:
+            assert len(client.generate("hi", max_tokens=2, ignore_eos=True).token_ids) == 2
+        anonymous = config.replace(tls_cert="", tls_key="")
+        with Client(anonymous) as client, pytest.raises(Unavailable):
+            client.generate("hi", max_tokens=2)
     finally:
         server.stop()

@@ -1,5 +1,5 @@
-"""Imports run one way (services -> scheduler -> models -> kernels), and the processes
-around the engine core never load torch."""
+"""Imports run one way (services -> scheduler -> models -> kernels, and services -> client),
+and the processes around the engine core, and the client, never load torch."""
 
 from __future__ import annotations
 
@@ -33,8 +33,18 @@ def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
     allowed = {layer, *LAYERS[LAYERS.index(layer) + 1 :], "v1"}
     if layer == "services":
         allowed.add("bench")  # the `twolane bench` command starts the benchmarks
+        allowed.add("client")  # the CLI calls servers through it
     for module, packages in imported_twolane_packages(layer).items():
         assert packages <= allowed, f"{layer}/{module} imports {sorted(packages - allowed)}"
+
+
+def test_the_client_imports_only_itself_and_the_api() -> None:
+    # Services may use the client (the CLI does); the client needs nothing of a server.
+    for module, packages in imported_twolane_packages("client").items():
+        assert packages <= {"client", "v1"}, f"client/{module} imports {sorted(packages)}"
+    for layer in LAYERS[1:]:
+        for module, packages in imported_twolane_packages(layer).items():
+            assert "client" not in packages, f"{layer}/{module} imports the client"
 
 
 @pytest.mark.parametrize(
@@ -46,6 +56,7 @@ def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
         "twolane.services.gateway",
         "twolane.services.cli",
         "twolane.scheduler.client",
+        "twolane.client",
     ],
 )
 def test_processes_around_the_engine_core_do_not_load_torch(module: str) -> None:
