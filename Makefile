@@ -42,6 +42,10 @@ $(OPS_STAMP): $(SETUP_STAMP) kernels/csrc/cpu_attention.cpp kernels/native.py
 test: setup check-proto ## Run the whole test suite (unit, kernels, integration)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+.PHONY: test-reliability
+test-reliability: setup ## The reliability soak: 10,000 fuzz cases, load, faults, overload, drain (~15 min; make test runs its short size)
+	TWOLANE_SOAK=1 $(PY) -m pytest tests/reliability $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: setup typecheck ## Run buf lint, buf format, ruff (lint and format check) and mypy
 	$(BIN)/buf lint

@@ -84,6 +84,12 @@ class EngineConfig:
         "interactive requests allowed to wait before new ones get RESOURCE_EXHAUSTED",
         flag="max-waiting",
     )
+    max_queue_delay_s: float = option(
+        0.0,
+        "an interactive request that waited this long without starting is refused with "
+        "RESOURCE_EXHAUSTED and a retry delay, so a saturated server sheds load before every "
+        "request's time to first token grows with the queue; 0: wait (up to --max-waiting)",
+    )
     seed: int = option(0, "seed of the built-in model's weights")
     threads: int = option(
         0,
@@ -133,6 +139,8 @@ class EngineConfig:
             )
         if self.max_waiting_interactive <= 0:
             raise ValueError("max_waiting_interactive must be positive")
+        if not self.max_queue_delay_s >= 0:
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if not 0.0 <= self.reserved_block_fraction < 1.0:

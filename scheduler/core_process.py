@@ -39,6 +39,7 @@ from twolane.scheduler.protocol import (
     TokenOutput,
     command_decoder,
     command_encoder,
+    final_output,
 )
 from twolane.scheduler.request import ErrorCode, Priority
 
@@ -210,7 +211,13 @@ class EngineCoreProc:
 
     def _add(self, identity: bytes, request: AddRequest) -> list[TokenOutput]:
         self._owners[request.request_id] = identity
-        refused = self.core.add_request(request)
+        try:
+            refused = self.core.add_request(request)
+        except Exception:
+            # One request the core cannot take must not end the loop serving all the others.
+            log.exception("request refused on an error", request_id=request.request_id)
+            self.core.abort(request.request_id)
+            return [final_output(request.request_id, ErrorCode.REJECTED, "the engine refused it")]
         if refused is not None:
             return [refused]
         if request.priority is Priority.INTERACTIVE:

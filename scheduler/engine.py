@@ -31,6 +31,8 @@ from twolane.scheduler.sequence import Sequence
 
 log = structlog.get_logger(__name__)
 
+MAX_LOGGED_IDS = 8
+
 
 class _RequestState:
     """What the core keeps per request besides its sequence."""
@@ -159,8 +161,12 @@ class EngineCore:
             )
         if min(tokens) < 0 or max(tokens) >= self.vocab_size:
             return f"a prompt token id is outside the vocabulary [0, {self.vocab_size})"
-        if request.params.max_tokens <= 0:
+        params = request.params
+        if params.max_tokens <= 0:
             return "max_tokens must be positive"
+        if not 0.0 < params.top_p <= 1.0:
+            # top_p <= 0 would leave no token to draw from (NaN fails the test too).
+            return "top_p must be in (0, 1]"
         return None
 
     def _refuse(self, request: AddRequest, code: ErrorCode, error: str) -> TokenOutput:
@@ -200,16 +206,41 @@ class EngineCore:
         """
         started_s = time.perf_counter()
         now = time.monotonic()
+        outputs = self._shed_stale(now)
         sched = self.scheduler.schedule(now)
         for seq in sched.expired:
             self.metrics.observe_finished(seq, now)
-        outputs = [self._final_output(self._requests.pop(s.request_id)) for s in sched.expired]
+        outputs += [self._final_output(self._requests.pop(s.request_id)) for s in sched.expired]
         self.metrics.observe_preempted(sched.preempted)
         self.metrics.step_phase_s.labels("schedule").observe(time.perf_counter() - started_s)
         if sched.scheduled:
             self._urgent_s = 0.0
             outputs.extend(self._execute(sched.scheduled, now, hook, regular=True))
         self.refresh_gauges()
+        return outputs
+
+    def _shed_stale(self, now: float) -> list[TokenOutput]:
+        """Refuse interactive requests that waited `max_queue_delay_s` without starting.
+
+        A saturated engine then sheds load (the frontend answers RESOURCE_EXHAUSTED with a
+        retry delay) instead of letting every request's time to first token grow with the
+        queue. Requests that have started (and were preempted since) are never shed.
+        """
+        limit_s = self.config.max_queue_delay_s
+        if limit_s <= 0:
+            return []
+        stale = []
+        for seq in self.scheduler.waiting:  # interactive first, oldest first
+            if seq.priority is not Priority.INTERACTIVE:
+                break
+            if seq.first_scheduled_time_s is None and now - seq.arrival_time_s > limit_s:
+                stale.append(seq)
+        outputs = []
+        for seq in stale:
+            out = self._finish(self._requests[seq.request_id], FinishReason.ERROR)
+            self.metrics.refused.labels(ErrorCode.QUEUE_FULL.value).inc()
+            error = f"no room to start within {limit_s:g} s; retry later"
+            outputs.append(_with_error(out, ErrorCode.QUEUE_FULL, error))
         return outputs
 
     def refresh_gauges(self) -> None:
@@ -249,21 +280,12 @@ class EngineCore:
         for item in scheduled:
             if item.seq.first_scheduled_time_s is None:
                 item.seq.first_scheduled_time_s = now
+        draws = _Draws(scheduled)
         started = time.perf_counter()
         try:
             result = self.runner.execute([_batch_sequence(item) for item in scheduled], hook)
-        except Exception:
-            # Fail the requests of this step and keep the engine serving the rest.
-            log.exception("step_failed", num_seqs=len(scheduled))
-            outputs = []
-            for item in scheduled:
-                state = self._requests.get(item.seq.request_id)
-                if state is not None:
-                    out = self._finish(state, FinishReason.ERROR)
-                    outputs.append(
-                        _with_error(out, ErrorCode.ENGINE_FAILED, "the engine step failed")
-                    )
-            return outputs
+        except Exception as error:
+            return self._recover(scheduled, draws, error)
         if regular:
             # Urgent steps run inside this one's forward pass; they are not its cost.
             self.scheduler.observe_step(
@@ -271,6 +293,12 @@ class EngineCore:
                 served_interactive=any(not s.seq.priority.is_batch for s in scheduled),
             )
             self._observe_phases(result)
+        return self._commit(scheduled, result, regular)
+
+    def _commit(
+        self, scheduled: list[ScheduledSequence], result: StepResult, regular: bool
+    ) -> list[TokenOutput]:
+        """Take a step's results: computed tokens, full blocks for the prefix cache, samples."""
         sampled = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -281,6 +309,52 @@ class EngineCore:
             self.metrics.step_phase_s.labels("postprocess").observe(
                 time.perf_counter() - postprocess_started
             )
+        return outputs
+
+    def _recover(
+        self, scheduled: list[ScheduledSequence], draws: _Draws, error: Exception
+    ) -> list[TokenOutput]:
+        """A step raised `error`: find the sequences that cause it and fail only those.
+
+        The step's sequences run again in halves, without the layer hook. A half that runs
+        is committed as the step would have been; a half that raises is split again, so a
+        sequence fails only when it raises on its own, and a failure that does not come
+        back fails nobody. Running a sequence's tokens again is safe: they write the same
+        KV slots (of blocks the scheduler allocated for this step, which stay where they
+        are) that the failed step may have written for some of its layers, and every
+        random generator is put back where it stood before the step, so no draw is lost.
+        """
+        outputs: list[TokenOutput] = []
+        culprits: list[ScheduledSequence] = []
+        suspects = [scheduled]
+        while suspects:
+            group = suspects.pop()
+            if len(group) == 1:
+                culprits.append(group[0])
+                continue
+            middle = len(group) // 2
+            for half in (group[:middle], group[middle:]):
+                draws.restore(half)
+                try:
+                    result = self.runner.execute([_batch_sequence(item) for item in half])
+                except Exception:
+                    suspects.append(half)
+                else:
+                    outputs.extend(self._commit(half, result, regular=False))
+        failed_ids = [item.seq.request_id for item in culprits]
+        for request_id in failed_ids:
+            state = self._requests.get(request_id)
+            if state is not None:
+                out = self._finish(state, FinishReason.ERROR)
+                outputs.append(_with_error(out, ErrorCode.ENGINE_FAILED, "the engine step failed"))
+        # Once per failed step, however many runs it took to find the culprits.
+        log.error(
+            "step failed",
+            num_seqs=len(scheduled),
+            num_failed=len(failed_ids),
+            failed_request_ids=failed_ids[:MAX_LOGGED_IDS],
+            exc_info=error,
+        )
         return outputs
 
     def _observe_phases(self, result: StepResult) -> None:
@@ -407,6 +481,24 @@ class EngineCore:
                     if out.finished:
                         pending.discard(out.request_id)
         return [tokens[i] for i in ids]
+
+
+class _Draws:
+    """Where the random generator of each sampling sequence of a step stood before it,
+    so that the step can run again and draw the same numbers."""
+
+    def __init__(self, scheduled: list[ScheduledSequence]) -> None:
+        self._states = {
+            item.seq.request_id: generator.get_state()
+            for item in scheduled
+            if item.samples and (generator := item.seq.generator) is not None
+        }
+
+    def restore(self, scheduled: list[ScheduledSequence]) -> None:
+        for item in scheduled:
+            state = self._states.get(item.seq.request_id)
+            if state is not None and item.seq.generator is not None:
+                item.seq.generator.set_state(state)
 
 
 def _batch_sequence(item: ScheduledSequence) -> BatchSequence:

@@ -69,6 +69,11 @@ class JobsConfig:
             "written to <data-dir>/nats.url"
         },
     )
+    nats_replicas: int = option(
+        1,
+        "replicas of each batch-lane stream and KV bucket: 1 on one nats-server, 3 on a "
+        "cluster (a stream keeps serving while a majority of its replicas is up)",
+    )
     max_queued_jobs: int = option(
         100_000, "jobs the queue holds before SubmitJob is refused", flag="job-max-queued-jobs"
     )
@@ -122,6 +127,8 @@ class JobsConfig:
                 raise ValueError(f"{name} must be at least 1 second, got {getattr(self, name)}")
         if self.retry_backoff_s < 0 or self.max_batch_inflight < 0:
             raise ValueError("retry_backoff_s and max_batch_inflight must be >= 0")
+        if not 1 <= self.nats_replicas <= 5:
+            raise ValueError(f"nats_replicas must be in [1, 5], got {self.nats_replicas}")
         if not 0 <= self.niceness <= 19:
             raise ValueError(f"niceness must be in [0, 19], got {self.niceness}")
 

@@ -10,6 +10,17 @@ from dataclasses import dataclass
 
 import grpc
 
+# What an error message may quote of a client's input (an id, a value): enough to
+# recognise it, never enough to outgrow the client's metadata limit (8 KiB by default).
+MAX_QUOTED_CHARS = 64
+
+
+def quoted(value: str, max_chars: int = MAX_QUOTED_CHARS) -> str:
+    """`value` quoted for an error message; past `max_chars` cut, with its length noted."""
+    if len(value) <= max_chars:
+        return repr(value)
+    return f"{value[:max_chars]!r}... ({len(value)} characters)"
+
 
 class ServiceError(Exception):
     """Base class; `code` is the gRPC status the caller sees."""
@@ -58,6 +69,12 @@ class PermissionDeniedError(ServiceError):
 
 class ResourceExhaustedError(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class MalformedRequestError(ServiceError):
+    """The request body is not a message of the method's type (truncated, not UTF-8)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class RateLimitedError(ResourceExhaustedError):

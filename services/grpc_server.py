@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from twolane.scheduler.client import EngineClient
+from twolane.services import handlers
 from twolane.services.auth import AuthInterceptor
 from twolane.services.availability import Availability
 from twolane.services.config import ListenConfig, SecurityConfig
@@ -97,7 +98,9 @@ async def start_grpc_server(
     interceptors = [AuthInterceptor(keys)] if keys is not None else []
     options = [("grpc.so_reuseport", 1 if reuse_port else 0), *CONNECTION_LIMITS]
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    # Not the generated add_InferenceServiceServicer_to_server: its decoding raises inside
+    # grpc on a malformed body, which the client then sees as UNKNOWN.
+    handlers.add_servicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -4,6 +4,8 @@ Everything is declared here with explicit settings and created idempotently at
 start-up by every process that uses it (serve, gateway, worker): a missing
 stream is added, one with other settings is updated to these.
 
+Streams and buckets have `--nats-replicas` replicas (1 by default, 3 on a cluster).
+
 - TWOLANE_JOBS (stream, `twolane.jobs.>`): work-queue retention, file storage,
   discard new at max_msgs/max_bytes (so a full queue refuses SubmitJob), 2 min
   duplicate window on Nats-Msg-Id = job id.
@@ -115,7 +117,7 @@ def streams(config: JobsConfig) -> list[api.StreamConfig]:
             max_msgs=config.max_queued_jobs,
             max_bytes=config.max_queued_bytes,
             duplicate_window=JOBS_DUPLICATE_WINDOW_S,
-            num_replicas=1,
+            num_replicas=config.nats_replicas,
         ),
         api.StreamConfig(
             name=RESULTS_STREAM,
@@ -128,7 +130,7 @@ def streams(config: JobsConfig) -> list[api.StreamConfig]:
             duplicate_window=min(RESULTS_DUPLICATE_WINDOW_S, config.result_ttl_s),
             # Direct gets by subject: how a tenant reads its own events (see nats_auth.py).
             allow_direct=True,
-            num_replicas=1,
+            num_replicas=config.nats_replicas,
         ),
         api.StreamConfig(
             name=DLQ_STREAM,
@@ -139,7 +141,7 @@ def streams(config: JobsConfig) -> list[api.StreamConfig]:
             discard=api.DiscardPolicy.OLD,
             max_age=config.record_ttl_s,
             duplicate_window=JOBS_DUPLICATE_WINDOW_S,
-            num_replicas=1,
+            num_replicas=config.nats_replicas,
         ),
     ]
 
@@ -159,7 +161,7 @@ def consumer(config: JobsConfig, tier: str, tenant: str = DEFAULT_TENANT) -> api
     )
 
 
-def bucket(name: str, ttl_s: float, description: str) -> api.StreamConfig:
+def bucket(name: str, ttl_s: float, description: str, num_replicas: int) -> api.StreamConfig:
     """A KV bucket's stream, as nats.py's create_key_value lays it out."""
     return api.StreamConfig(
         name=f"KV_{name}",
@@ -174,7 +176,7 @@ def bucket(name: str, ttl_s: float, description: str) -> api.StreamConfig:
         allow_rollup_hdrs=True,
         deny_delete=True,
         allow_direct=True,
-        num_replicas=1,
+        num_replicas=num_replicas,
     )
 
 
@@ -206,7 +208,7 @@ async def ensure_layout(js: JetStreamContext, config: JobsConfig) -> Buckets:
         (IDEMPOTENCY_BUCKET, config.record_ttl_s, "job ids by tenant and idempotency key"),
     )
     for name, ttl_s, description in layout:
-        await ensure_stream(js, bucket(name, ttl_s, description))
+        await ensure_stream(js, bucket(name, ttl_s, description, config.nats_replicas))
     return Buckets(
         jobs=await js.key_value(JOBS_BUCKET),
         results=await js.key_value(RESULTS_BUCKET),

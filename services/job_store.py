@@ -32,8 +32,10 @@ from twolane.services.errors import (
     RateLimitedError,
     ResourceExhaustedError,
     UnavailableError,
+    quoted,
 )
 from twolane.services.jetstream import DEFAULT_TENANT, Buckets
+from twolane.services.validation import check_times
 from twolane.v1 import generate_pb2, inference_pb2, job_record_pb2, jobs_pb2
 
 log = structlog.get_logger(__name__)
@@ -244,7 +246,7 @@ class JobStore:
             if stored is None:
                 stored = await self.read(job_id)
             if stored is None:
-                raise NotFoundError(f"no job with id {job_id!r}")
+                raise NotFoundError(f"no job with id {quoted(job_id)}")
             if not change(stored.record):
                 if from_caller:
                     continue
@@ -319,7 +321,14 @@ class JobStore:
             )
         if len(request.custom_id) > MAX_KEY_CHARS:
             violations.append(FieldViolation("custom_id", f"at most {MAX_KEY_CHARS} characters"))
-        if request.HasField("deadline") and request.deadline.ToNanoseconds() <= time.time_ns():
+        num_checked = len(violations)
+        check_times(request, lambda field, why: violations.append(FieldViolation(field, why)))
+        times_valid = len(violations) == num_checked
+        if (
+            times_valid
+            and request.HasField("deadline")
+            and request.deadline.ToNanoseconds() <= time.time_ns()
+        ):
             violations.append(FieldViolation("deadline", "the deadline has already passed"))
         if not request.HasField("request"):
             violations.append(FieldViolation("request", "a job needs a generate request"))
@@ -421,7 +430,7 @@ class JobStore:
         stored = await self.read(job_id)
         # Another tenant's job is as unknown as a job that never existed.
         if stored is None or stored.record.tenant != tenant:
-            raise NotFoundError(f"no job with id {job_id!r}")
+            raise NotFoundError(f"no job with id {quoted(job_id)}")
         return stored
 
 

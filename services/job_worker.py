@@ -4,7 +4,9 @@ The backlog stays in JetStream. The worker fetches only as many jobs as the
 engine can take now (a cap on batch jobs in flight, free KV blocks, and no
 interactive request waiting), urgent before standard before bulk. A running
 job reports progress so its message is not redelivered; a worker that dies
-stops reporting, and the message goes to another worker after `ack_wait_s`.
+stops reporting, and the message goes to another worker after `ack_wait_s`,
+unless the worker restarts first: it then gives back at once what it held
+(see worker_slot.py).
 
 Per job, in this order: result (create-only), state, completion event, ack.
 """
@@ -50,6 +52,7 @@ from twolane.services.job_store import (
     tier_name,
 )
 from twolane.services.validation import ModelLimits, validate_generate
+from twolane.services.worker_slot import WorkerSlot
 from twolane.v1 import generate_pb2, job_record_pb2, jobs_pb2
 
 if TYPE_CHECKING:
@@ -70,6 +73,7 @@ MIN_FREE_BLOCKS_FRACTION = 0.02
 # A job whose engine core went away is given back after this long, so the restarted
 # core (or another worker) takes it without a hot redelivery loop.
 ENGINE_GONE_DELAY_S = 2.0
+NAK = b"-NAK"  # the JetStream ack protocol's negative acknowledgement
 
 
 class TransientJobError(Exception):
@@ -91,7 +95,8 @@ class JobWorker:
         engine: a ready client of the engine core the jobs run on (priority = the tier).
         prompts: the engine's model's tokenizer and chat template.
         config: ack wait, deliveries, backoff, in-flight cap, fault injection.
-        worker_id: names this worker in job records and logs.
+        slot: this worker's identity (it names the worker in job records and logs) and
+            its record of the messages it holds.
         tenant_limits: a tenant's limit of concurrent requests (0: none), with auth on.
         metrics: where claims and endings are counted.
     """
@@ -103,7 +108,7 @@ class JobWorker:
         engine: EngineClient,
         prompts: ModelPrompts,
         config: JobsConfig,
-        worker_id: str,
+        slot: WorkerSlot,
         tenant_limits: Callable[[str], int] | None = None,
         metrics: JobMetrics | None = None,
     ) -> None:
@@ -118,11 +123,13 @@ class JobWorker:
             vocab_size=engine.info.vocab_size, max_model_len=engine.info.max_model_len
         )
         self.config = config
-        self.worker_id = worker_id
+        self.slot = slot
+        self.worker_id = slot.worker_id
         self.max_inflight = config.max_batch_inflight or engine.info.max_num_seqs
         # One pull consumer per tier and tenant (the default tenant's are the tier's own).
         self._subs: dict[Lane, JetStreamContext.PullSubscription] = {}
         self._tasks: dict[asyncio.Task[None], Lane] = {}
+        self._replies: dict[asyncio.Task[None], str] = {}  # the ack subject of each task's message
         self._num_inflight: collections.Counter[Lane] = collections.Counter()
         self._turn: dict[str, int] = collections.defaultdict(int)  # round robin, per tier
         self._consumers_checked_s = 0.0
@@ -151,10 +158,44 @@ class JobWorker:
                 cb=self._on_max_deliveries,
             ),
         ]
+        # Before pulling: nothing this incarnation holds may be given back by mistake.
+        num_reclaimed = await self._reclaim()
         self.engine.add_ready_listener(self._on_engine_ready)
         self._load_task = asyncio.create_task(self._follow_load(), name="twolane-job-load")
         self._pull_task = asyncio.create_task(self._pull_loop(), name="twolane-job-pull")
-        log.info("job worker started", worker_id=self.worker_id, max_inflight=self.max_inflight)
+        log.info(
+            "job worker started",
+            worker_id=self.worker_id,
+            max_inflight=self.max_inflight,
+            num_reclaimed=num_reclaimed,
+        )
+
+    async def _reclaim(self) -> int:
+        """Give back now the messages this worker's previous incarnation held when it
+        died, instead of leaving them to the ack wait; returns how many.
+
+        Any client may NAK a JetStream message through its reply subject. A job another
+        worker has taken since (redelivered after the ack wait) is left alone; for the
+        rest the claim's revision check still keeps a job from running twice at once.
+        """
+        num_reclaimed = 0
+        for held in self.slot.take_previous():
+            stored = await self.store.read(held.job_id) if held.job_id else None
+            if stored is not None:
+                record = stored.record
+                if (
+                    record.state == jobs_pb2.JOB_STATE_RUNNING
+                    and record.worker_id != self.worker_id
+                ):
+                    continue
+            await self.nc.publish(held.reply_subject, NAK)
+            num_reclaimed += 1
+        if num_reclaimed:
+            await self.nc.flush()
+            log.info(
+                "jobs reclaimed from the last run", worker_id=self.worker_id, num_jobs=num_reclaimed
+            )
+        return num_reclaimed
 
     async def stop(self, grace_s: float) -> None:
         """Stop pulling, let running jobs finish for `grace_s`, give the rest back."""
@@ -277,13 +318,17 @@ class JobWorker:
                 )
 
     def _start(self, msg: Msg, lane: Lane) -> None:
+        ticket = parse_ticket(msg.data)
+        self.slot.hold(msg.reply, ticket.job_id if ticket is not None else "")
         task = asyncio.create_task(self._run(msg, lane[0]))
         self._tasks[task] = lane
+        self._replies[task] = msg.reply
         self._num_inflight[lane] += 1
         task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         lane = self._tasks.pop(task)
+        self.slot.release(self._replies.pop(task))
         self._num_inflight[lane] -= 1
         self._room_changed.set()
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +22,7 @@ from twolane.services.nats_embedded import EmbeddedNats
 from twolane.services.process import unless_stopped
 from twolane.services.prompts import ShapeOnly
 from twolane.services.validation import ModelLimits, validate_generate
+from twolane.services.worker_slot import WorkerSlot
 from twolane.v1 import generate_pb2, inference_pb2, jobs_pb2
 
 if TYPE_CHECKING:
@@ -134,7 +133,9 @@ async def connect(
     try:
         nc = await asyncio.wait_for(
             nats.connect(
-                url,
+                # A cluster's URLs, comma separated; the client also learns the others
+                # from the server it reaches.
+                [part.strip() for part in url.split(",") if part.strip()],
                 name=name,
                 user=user,
                 password=password,
@@ -221,6 +222,9 @@ async def start_job_worker(
     from twolane.services.job_worker import JobWorker
 
     assert engine.info is not None
+    # The worker's identity outlives its process: see worker_slot.py.
+    slot = WorkerSlot.acquire(Path(config.data_dir))
+    stack.callback(slot.close)
     metrics = JobMetrics(nc.jetstream(), store, served_model_name(engine.info.model))
     metrics.start()
     stack.push_async_callback(metrics.stop)
@@ -230,13 +234,9 @@ async def start_job_worker(
         engine,
         prompts,
         config,
-        default_worker_id(),
+        slot,
         tenant_limits=tenant_limit,
         metrics=metrics,
     )
     await worker.start()
     stack.push_async_callback(worker.stop, grace_period_s)
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"

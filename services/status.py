@@ -4,6 +4,10 @@ Every servicer method is wrapped with `grpc_errors`. Bad input surfaces as
 INVALID_ARGUMENT with `google.rpc.BadRequest` details naming the fields; an
 unexpected exception is logged with its traceback here and reaches the client
 only as a terse INTERNAL status, never as a traceback.
+
+A status travels in trailing metadata (`grpc-message`, and `grpc-status-details-bin`
+repeating it), so what it says is bounded here, whatever raised it: a message that
+outgrew the client's metadata limit would reach the client as RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from twolane.services.errors import (
 
 log = structlog.get_logger(__name__)
 
+MAX_MESSAGE_CHARS = 1024
+MAX_VIOLATIONS = 16
+MAX_DESCRIPTION_CHARS = 256
 # A full interactive queue drains within a few steps: try again soon.
 QUEUE_FULL_RETRY_S = 0.5
 
@@ -69,7 +76,13 @@ def to_status(exc: Exception) -> grpc.Status:
     retry_after_s = exc.retry_after_s if isinstance(exc, RateLimitedError) else None
     if isinstance(exc, QueueFullError):
         retry_after_s = QUEUE_FULL_RETRY_S
-    return _status(code, message, violations, retry_after_s)
+    return _status(code, _bounded(message, MAX_MESSAGE_CHARS), violations, retry_after_s)
+
+
+def _bounded(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    return f"{text[:max_chars]}... ({len(text) - max_chars} more characters)"
 
 
 def _status(
@@ -89,16 +102,21 @@ def _status(
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_bounded(v.field, MAX_DESCRIPTION_CHARS),
+                    description=_bounded(v.description, MAX_DESCRIPTION_CHARS),
                 )
-                for v in violations
+                for v in violations[:MAX_VIOLATIONS]
             ]
         )
-        packed = any_pb2.Any()
-        packed.Pack(bad_request)
-        details.append(packed)
+        details.append(_packed(bad_request))
     rpc_code = code_pb2.Code.Value(code.name)
     return rpc_status.to_status(status_pb2.Status(code=rpc_code, message=message, details=details))
+
+
+def _packed(detail: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
 
 
 class _Status(

@@ -59,3 +59,28 @@ def test_unexpected_errors_are_internal_without_their_details() -> None:
     status = to_status(KeyError("secret internal state"))
     assert status.code is grpc.StatusCode.INTERNAL
     assert "secret" not in status.details
+
+
+def test_an_error_quoting_a_huge_id_stays_small_enough_for_metadata() -> None:
+    status = to_status(errors.NotFoundError(f"no job with id {errors.quoted('j' * 10_000)}"))
+    assert status.code is grpc.StatusCode.NOT_FOUND
+    assert len(status.details) < 200
+    assert sum(len(v) for _, v in status.trailing_metadata) < 1000
+
+
+def test_any_message_and_violation_list_is_bounded() -> None:
+    violations = [errors.FieldViolation(f"f{i}", "x" * 5000) for i in range(100)]
+    status = to_status(errors.InvalidArgumentError(violations))
+    assert len(status.details) < 2000
+    assert sum(len(v) for _, v in status.trailing_metadata) < 8192
+
+
+def test_resource_exhausted_carries_a_retry_delay() -> None:
+    for exc, delay_s in [
+        (QueueFullError("busy"), 0.5),
+        (errors.RateLimitedError("over the quota", retry_after_s=2.5), 2.5),
+    ]:
+        retry_info = error_details_pb2.RetryInfo()
+        details = rich_status(to_status(exc)).details
+        assert any(d.Unpack(retry_info) for d in details)
+        assert retry_info.retry_delay.ToTimedelta().total_seconds() == delay_s

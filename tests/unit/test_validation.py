@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from google.protobuf import timestamp_pb2
 
 from twolane.scheduler.request import SamplingParams
 from twolane.services.errors import InvalidArgumentError
 from twolane.services.prompts import ShapeOnly
-from twolane.services.validation import ModelLimits, validate_generate
-from twolane.v1 import generate_pb2
+from twolane.services.validation import ModelLimits, check_times, validate_generate
+from twolane.v1 import generate_pb2, jobs_pb2
 
 LIMITS = ModelLimits(vocab_size=258, max_model_len=64)
 BYTES = ShapeOnly()  # a byte per character, as the built-in model's tokenizer
@@ -123,3 +124,46 @@ def test_stream_requests_are_validated_alike() -> None:
     request = generate_pb2.GenerateStreamRequest(prompt="", prompt_token_ids=[])
     with pytest.raises(InvalidArgumentError):
         validate_generate(request, LIMITS, BYTES)
+
+
+def test_a_prompt_too_long_for_any_tokenizer_is_refused_before_tokenizing() -> None:
+    class Refuses(ShapeOnly):
+        def encode(self, text: str) -> list[int]:
+            raise AssertionError("tokenized")
+
+    request = generate_pb2.GenerateRequest(prompt="a" * (LIMITS.max_model_len * 33))
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_generate(request, LIMITS, Refuses())
+    assert [v.field for v in info.value.violations] == ["prompt"]
+
+
+def test_too_many_stop_token_ids_are_refused() -> None:
+    fields = violated_fields(prompt="a", params=dict(stop_token_ids=[1] * 257))
+    assert fields == ["params.stop_token_ids"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "field"),
+    [
+        (-62_135_596_801, 0, "deadline.seconds"),
+        (253_402_300_800, 0, "deadline.seconds"),
+        (0, -1, "deadline.nanos"),
+        (0, 1_000_000_000, "deadline.nanos"),
+    ],
+)
+def test_timestamps_outside_their_range_are_named(seconds: int, nanos: int, field: str) -> None:
+    request = jobs_pb2.SubmitJobRequest(
+        deadline=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+    )
+    found: list[str] = []
+    check_times(request, lambda name, why: found.append(name))
+    assert found == [field]
+
+
+def test_timestamps_in_range_pass() -> None:
+    request = jobs_pb2.SubmitJobRequest(
+        deadline=timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_999)
+    )
+    found: list[str] = []
+    check_times(request, lambda name, why: found.append(name))
+    assert found == []

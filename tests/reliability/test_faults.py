@@ -1,0 +1,126 @@
+"""Faults under a 500-job run: the engine core and the job runner SIGKILLed every few
+seconds, nats-server restarted. Each run ends with every job succeeded exactly once (one
+result written, one completion event) with the tokens of an undisturbed run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from integration.nats_fixtures import EventRecorder, NatsServer
+from integration.serving import start_server
+
+from .conftest import Report
+from .harness import (
+    JobRun,
+    Outcome,
+    child_pids,
+    kill,
+    outcome,
+    results_written,
+)
+
+NUM_JOBS = 500
+KILL_EVERY_S = 3.0
+SHORT_ACK_WAIT = {"TWOLANE_JOB_ACK_WAIT_S": "10"}
+
+
+async def when_done(
+    events: EventRecorder, run: JobRun, share: float, timeout_s: float = 120
+) -> None:
+    """Wait until `share` of the run's jobs have published their completion event."""
+    give_up_at = time.monotonic() + timeout_s
+    while len({e.job_id for e in events.events} & set(run.job_ids.values())) < share * NUM_JOBS:
+        if time.monotonic() > give_up_at:
+            pytest.fail(f"fewer than {share:.0%} of the jobs finished")
+        await asyncio.sleep(0.1)
+
+
+async def faulted_run(
+    address: str,
+    nats_url: str,
+    events: EventRecorder,
+    reference: list[list[int]],
+    inject: Callable[[JobRun], Awaitable[int]],
+) -> tuple[Outcome, int]:
+    """Submit NUM_JOBS jobs, inject faults while they run, wait for all of them and check
+    them; the outcome and how many faults were injected."""
+    results_before = await results_written(nats_url)
+    run = JobRun(NUM_JOBS)
+    submitting = asyncio.ensure_future(run.submit(address))
+    num_faults = await inject(run)
+    await submitting
+    results = await run.wait(address, events=events, timeout_s=400)
+    return await outcome(run, results, reference, nats_url, results_before, events), num_faults
+
+
+def record(report: Report, scenario: str, checked: Outcome, num_faults: int) -> None:
+    print(f"{scenario}: {num_faults} faults, {checked}")
+    report.add(
+        "faults",
+        runs=1,
+        injected=num_faults,
+        jobs=checked.num_jobs,
+        lost=checked.num_lost,
+        duplicated=checked.num_duplicated,
+        wrong=checked.num_wrong,
+    )
+    report.record(f"faults_{scenario}", injected=num_faults, **checked.__dict__)
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+async def test_the_engine_core_and_the_job_runner_killed_every_few_seconds(
+    report: Report, job_reference: list[list[int]]
+) -> None:
+    server = start_server("--log-json", env=SHORT_ACK_WAIT)
+    try:
+        nats_url = (server.data_dir / "nats.url").read_text().strip()
+        events = await EventRecorder().start(nats_url)
+
+        async def kill_in_turn(run: JobRun) -> int:
+            await when_done(events, run, 0.05)
+            for number, role in enumerate(("engine-core", "jobs", "engine-core", "jobs")):
+                if number:
+                    await asyncio.sleep(KILL_EVERY_S)
+                kill(child_pids(server, role)[-1])
+            return 4
+
+        checked, num_faults = await faulted_run(
+            server.address, nats_url, events, job_reference, kill_in_turn
+        )
+        await events.close()
+    finally:
+        server.stop()
+    record(report, "kills", checked, num_faults)
+    checked.assert_clean()
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+async def test_nats_server_restarted_mid_run(
+    tmp_path: Path, report: Report, job_reference: list[list[int]]
+) -> None:
+    nats_server = NatsServer(tmp_path / "nats").start()
+    server = start_server("--nats-url", nats_server.url, env=SHORT_ACK_WAIT)
+    try:
+        events = await EventRecorder().start(nats_server.url)
+
+        async def restart_nats(run: JobRun) -> int:
+            await when_done(events, run, 0.3)
+            await asyncio.to_thread(nats_server.restart)
+            return 1
+
+        checked, num_faults = await faulted_run(
+            server.address, nats_server.url, events, job_reference, restart_nats
+        )
+        await events.close()
+    finally:
+        server.stop()
+        nats_server.stop()
+    record(report, "nats_restart", checked, num_faults)
+    checked.assert_clean()
