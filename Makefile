@@ -140,3 +140,7 @@ bench-overhead: setup ## Serving's cost outside the model: served decode step vs
 .PHONY: bench-mixed
 bench-mixed: setup ## Interactive TTFT alone vs beside a 500+ job batch backlog (~6 min)
 	$(PY) -m twolane.bench.mixed
+
+.PHONY: bench-routing
+bench-routing: setup ## Cache-aware routing vs round robin on 2 workers; the gateway's added latency
+	$(PY) -m twolane.bench.routing

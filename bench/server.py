@@ -1,4 +1,5 @@
-"""Start `twolane serve` as a subprocess on loopback, or stand in for one already running."""
+"""Start `twolane serve` (or a worker, or a gateway) as a subprocess on loopback, or stand
+in for one already running."""
 
 from __future__ import annotations
 
@@ -70,7 +71,6 @@ def start_server(settings: ServerSettings) -> Server:
     """Start a server on a free port with its own embedded nats-server; wait until it listens."""
     data_dir = Path(tempfile.mkdtemp(prefix="twolane-bench-"))
     args = [
-        twolane_executable(),
         "serve",
         "--port",
         "0",
@@ -87,9 +87,20 @@ def start_server(settings: ServerSettings) -> Server:
         "--job-max-batch-inflight",
         str(settings.max_batch_inflight),
     ]
-    env = {**os.environ, "TWOLANE_DATA_DIR": str(data_dir)}
+    return start_twolane(args, {"TWOLANE_DATA_DIR": str(data_dir)}, data_dir)
+
+
+def start_twolane(
+    args: list[str], env: dict[str, str] | None = None, data_dir: Path | None = None
+) -> Server:
+    """Start `twolane ARGS` (serve, worker or gateway) and wait for its `listening` line.
+    `data_dir`, if given, is removed when the server stops."""
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        [twolane_executable(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     server = Server(address="", data_dir=data_dir, proc=proc)
     listening = threading.Event()
@@ -109,7 +120,7 @@ def start_server(settings: ServerSettings) -> Server:
     if not server.address:
         server.stop()
         tail = "".join(server.lines[-20:])
-        raise RuntimeError(f"twolane serve did not start listening; its output:\n{tail}")
+        raise RuntimeError(f"twolane {args[0]} did not start listening; its output:\n{tail}")
     return server
 
 

@@ -6,6 +6,9 @@ those blocks instead of recomputing them; tokens are compared on every hit, so a
 hash collision can never hand out wrong KV. Freed blocks keep their hash until
 reused ("lazy eviction"), and the free list is kept in eviction order: blocks
 without a hash first, then cached blocks least recently used first.
+
+With `record_events`, every hash that enters or leaves the prefix cache is noted
+(`CacheEventLog`), so that the engine core can tell a gateway which prefixes it holds.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from twolane.scheduler.prefix_hash import chain_hash, num_cacheable_blocks
 from twolane.scheduler.sequence import Sequence
 
 
@@ -40,12 +44,37 @@ class Allocation:
     num_cached_tokens: int = 0
 
 
-def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent_hash, token_ids))
+class CacheEventLog:
+    """Block hashes that entered or left the prefix cache since the last `drain`.
+
+    Only the last change of a hash counts: whoever mirrors the cache as a set of hashes
+    ends up right whatever happened in between (stored, evicted, stored again)."""
+
+    def __init__(self) -> None:
+        self._changes: dict[int, bool] = {}  # hash -> in the cache now
+
+    def stored(self, block_hash: int) -> None:
+        self._changes[block_hash] = True
+
+    def evicted(self, block_hash: int) -> None:
+        self._changes[block_hash] = False
+
+    def drain(self) -> tuple[list[int], list[int]]:
+        """The (stored, evicted) hashes since the last drain, and a fresh start."""
+        changes, self._changes = self._changes, {}
+        stored = [h for h, present in changes.items() if present]
+        evicted = [h for h, present in changes.items() if not present]
+        return stored, evicted
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        record_events: bool = False,
+    ):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -57,6 +86,7 @@ class BlockManager:
         self.cached_blocks: dict[int, int] = {}  # block hash -> block id
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
+        self.events = CacheEventLog() if record_events and enable_prefix_caching else None
 
     @property
     def num_free_blocks(self) -> int:
@@ -85,8 +115,7 @@ class BlockManager:
             return PrefixMatch()
         block_ids: list[int] = []
         parent: int | None = None
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        for i in range(max_blocks):
+        for i in range(num_cacheable_blocks(seq.num_tokens, self.block_size)):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             parent = chain_hash(parent, tokens)
             block_id = self.cached_blocks.get(parent)
@@ -151,7 +180,9 @@ class BlockManager:
             block.block_hash = block_hash
             block.token_ids = tokens
             # First writer wins: an equal block computed earlier stays the cached one.
-            self.cached_blocks.setdefault(block_hash, block.block_id)
+            registered = self.cached_blocks.setdefault(block_hash, block.block_id)
+            if registered == block.block_id and self.events is not None:
+                self.events.stored(block_hash)
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references to its blocks; blocks nobody references become free."""
@@ -191,6 +222,8 @@ class BlockManager:
             # Evict: the block is about to hold other tokens.
             if self.cached_blocks.get(block.block_hash) == block_id:
                 del self.cached_blocks[block.block_hash]
+                if self.events is not None:
+                    self.events.evicted(block.block_hash)
             block.block_hash = None
             block.token_ids = ()
         block.ref_count = 1

@@ -2,10 +2,10 @@
 
 No asyncio, no gRPC, no NATS: the loop reads every command waiting on its ROUTER
 socket, runs a step, sends each client the outputs of its own requests, and publishes
-its load. While a step runs, the loop looks at the socket again at every safe point of
-the forward pass (`safe_point`: mid-layer and between layers), so an interactive request
-that arrives mid-step starts there in an urgent step instead of waiting for the step to
-end.
+its load and the block hashes that entered or left its prefix cache. While a step
+runs, the loop looks at the socket again at every safe point of the forward pass
+(`safe_point`: mid-layer and between layers), so an interactive request that arrives
+mid-step starts there in an urgent step instead of waiting for the step to end.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from twolane.scheduler.engine import EngineCore
 from twolane.scheduler.protocol import (
     AbortRequests,
     AddRequest,
+    CacheEvents,
     Command,
     EngineAddress,
     EngineInfo,
@@ -52,6 +53,9 @@ IDLE_PUBLISH_S = 1.0
 # its requests.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000
+# Cache events are not conflated: a reader that falls this many messages behind loses
+# some, notices the gap in `seq`, and asks its worker for a snapshot.
+CACHE_EVENTS_HWM = 10_000
 
 
 class EngineCoreProc:
@@ -59,7 +63,7 @@ class EngineCoreProc:
 
     def __init__(self, config: EngineConfig, address: EngineAddress) -> None:
         self.instance_id = uuid.uuid4().hex[:12]
-        self.core = EngineCore(config, instance_id=self.instance_id)
+        self.core = EngineCore(config, instance_id=self.instance_id, record_cache_events=True)
         self.address = address
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -74,6 +78,10 @@ class EngineCoreProc:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, 64)
         self._pub.setsockopt(zmq.LINGER, 0)
+        self._cache_pub = self._ctx.socket(zmq.PUB)
+        self._cache_pub.setsockopt(zmq.SNDHWM, CACHE_EVENTS_HWM)
+        self._cache_pub.setsockopt(zmq.LINGER, 0)
+        self._num_cache_events = 0
         self._owners: dict[str, bytes] = {}  # request id -> the client that sent it
         self._deferred_aborts: list[str] = []
         self._interactive_arrived = False
@@ -86,12 +94,13 @@ class EngineCoreProc:
 
     def bind(self) -> None:
         self.address.ipc_dir.mkdir(parents=True, exist_ok=True)
-        for url in (self.address.commands, self.address.load):
+        for url in (self.address.commands, self.address.load, self.address.cache_events):
             # A core that was killed leaves its socket file behind.
             with contextlib.suppress(FileNotFoundError):
                 Path(url.removeprefix("ipc://")).unlink()
         self._router.bind(self.address.commands)
         self._pub.bind(self.address.load)
+        self._cache_pub.bind(self.address.cache_events)
         log.info("engine core ready", ipc_dir=str(self.address.ipc_dir))
 
     def stop(self) -> None:
@@ -124,6 +133,7 @@ class EngineCoreProc:
                 outputs.extend(self._apply_deferred_aborts())
                 self._send(outputs)
                 self._publish_load()
+                self._publish_cache_events()
         finally:
             self._close()
 
@@ -133,6 +143,7 @@ class EngineCoreProc:
         self._publish_load(force=True)
         self._router.close(linger=1000)
         self._pub.close(linger=0)
+        self._cache_pub.close(linger=0)
         self._ctx.term()
         log.info("engine core stopped", num_aborted=len(outputs))
 
@@ -153,6 +164,7 @@ class EngineCoreProc:
         if outputs:
             self._send(outputs)
             self._publish_load()
+            self._publish_cache_events()
 
     # ---- commands ----------------------------------------------------------------
 
@@ -298,6 +310,21 @@ class EngineCoreProc:
         self._last_publish_s = now_s
         with contextlib.suppress(zmq.Again):
             self._pub.send(command_encoder.encode(load), zmq.NOBLOCK)
+
+    def _publish_cache_events(self) -> None:
+        stored, evicted = self.core.drain_cache_events()
+        if not stored and not evicted:
+            return
+        events = CacheEvents(
+            instance_id=self.instance_id,
+            seq=self._num_cache_events,
+            block_size=self.core.config.block_size,
+            stored=stored,
+            evicted=evicted,
+        )
+        self._num_cache_events += 1
+        with contextlib.suppress(zmq.Again):
+            self._cache_pub.send(command_encoder.encode(events), zmq.NOBLOCK)
 
 
 def _load_key(load: Load) -> tuple[object, ...]:

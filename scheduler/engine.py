@@ -44,8 +44,19 @@ class _RequestState:
         self.logprobs: list[float] = []
 
 
+# Weight of the newest step in the recent step time reported with the load.
+_STEP_TIME_WEIGHT = 0.2
+
+
 class EngineCore:
-    def __init__(self, config: EngineConfig, instance_id: str = "") -> None:
+    """One engine: scheduler, block manager and model runner, stepped by its caller.
+
+    With `record_cache_events`, the block hashes entering and leaving the prefix cache
+    are kept until `drain_cache_events` (the core process publishes them)."""
+
+    def __init__(
+        self, config: EngineConfig, instance_id: str = "", record_cache_events: bool = False
+    ) -> None:
         self.config = config
         self.instance_id = instance_id
         self.model_dir = resolve_model_dir(config.model, config.seed)
@@ -72,7 +83,7 @@ class EngineCore:
         self.vocab_size = self.model_config.vocab_size
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+            num_blocks, config.block_size, config.enable_prefix_caching, record_cache_events
         )
         policy = LanePolicy(
             reserved_block_fraction=config.reserved_block_fraction,
@@ -96,6 +107,7 @@ class EngineCore:
         self._requests: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
+        self.step_time_s = 0.0  # recent regular steps, exponentially weighted
         self._urgent_s = 0.0  # time spent in urgent steps inside the step in flight
         log.info(
             "engine_ready",
@@ -288,10 +300,12 @@ class EngineCore:
             return self._recover(scheduled, draws, error)
         if regular:
             # Urgent steps run inside this one's forward pass; they are not its cost.
+            duration_s = time.perf_counter() - started - self._urgent_s
             self.scheduler.observe_step(
-                time.perf_counter() - started - self._urgent_s,
+                duration_s,
                 served_interactive=any(not s.seq.priority.is_batch for s in scheduled),
             )
+            self.step_time_s += _STEP_TIME_WEIGHT * (duration_s - self.step_time_s)
             self._observe_phases(result)
         return self._commit(scheduled, result, regular)
 
@@ -458,7 +472,14 @@ class EngineCore:
             num_free_blocks=self.block_manager.num_free_blocks,
             num_total_blocks=self.block_manager.num_blocks,
             num_requests_by_tenant=dict(by_tenant),
+            step_time_s=self.step_time_s,
         )
+
+    def drain_cache_events(self) -> tuple[list[int], list[int]]:
+        """The (stored, evicted) block hashes since the last call; empty lists unless the
+        core records cache events."""
+        events = self.block_manager.events
+        return events.drain() if events is not None else ([], [])
 
     def generate(
         self, prompts_token_ids: list[list[int]], params: SamplingParams | None = None

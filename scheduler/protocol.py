@@ -3,7 +3,9 @@
 Clients (the gRPC frontends, the job runner) send commands on a DEALER socket to the
 core's ROUTER socket, which answers each client with its own requests' outputs. After
 every step the core also publishes its load on a PUB socket, which the batch lane
-reads for backpressure. Token ids travel, never text, and never pickles.
+reads for backpressure, and on another the block hashes that entered or left its
+prefix cache, which a worker relays to the gateways. Token ids travel, never text,
+and never pickles.
 
 Times are `time.monotonic()` seconds: the core and its clients share one machine.
 """
@@ -71,6 +73,21 @@ class Load(msgspec.Struct, frozen=True):
     # Requests the core holds (running or waiting) per tenant, for tenants with any: the
     # fronts and the job runner keep each tenant under its concurrency limit with it.
     num_requests_by_tenant: dict[str, int] = {}
+    # Mean duration of the recent regular steps (exponentially weighted), in seconds.
+    step_time_s: float = 0.0
+
+
+class CacheEvents(msgspec.Struct, frozen=True):
+    """Block hashes (scheduler/prefix_hash.py) that entered or left the prefix cache.
+
+    `seq` counts the core's messages from 0 for each `instance_id`, so a reader knows
+    when it missed one. A hash is in at most one of the two lists."""
+
+    instance_id: str
+    seq: int
+    block_size: int
+    stored: list[int]
+    evicted: list[int]
 
 
 class EngineStats(msgspec.Struct, frozen=True):
@@ -166,8 +183,13 @@ class EngineAddress:
     def load(self) -> str:
         return f"ipc://{self.ipc_dir / 'load.sock'}"
 
+    @property
+    def cache_events(self) -> str:
+        return f"ipc://{self.ipc_dir / 'cache.sock'}"
+
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(Command)
 reply_decoder = msgspec.msgpack.Decoder(Reply)
 load_decoder = msgspec.msgpack.Decoder(Load)
+cache_events_decoder = msgspec.msgpack.Decoder(CacheEvents)

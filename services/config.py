@@ -55,7 +55,9 @@ class JobsConfig:
     """
 
     nats_url: str = option(
-        "", "NATS server URL; unset, `twolane serve` starts an embedded nats-server"
+        "",
+        "NATS server URL (of a cluster: several, comma separated); unset, `twolane serve` "
+        "starts an embedded nats-server",
     )
     nats_creds: str = option(
         "",
@@ -250,6 +252,90 @@ class JobRunnerProcessConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """How a `twolane worker` announces itself to the gateways (services/membership.py)."""
+
+    advertise_address: str = option(
+        "",
+        "HOST[:PORT] gateways reach this worker's gRPC port at; default: --host (this "
+        "machine's name when --host is 0.0.0.0 or ::) and the port it listens on",
+    )
+    heartbeat_interval_s: float = option(
+        1.0, "seconds between two announcements of this worker (with its load)"
+    )
+    worker_ttl_s: float = option(
+        5.0,
+        "seconds a worker stays in the twolane_workers bucket, and in a gateway's view, "
+        "after its last announcement",
+    )
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(
+                f"heartbeat_interval_s must be positive, got {self.heartbeat_interval_s}"
+            )
+        if self.worker_ttl_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"worker_ttl_s ({self.worker_ttl_s}) must be at least twice "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}): one lost heartbeat "
+                "must not drop a worker"
+            )
+        if self.advertise_address:
+            split_host_port(self.advertise_address)
+
+
+def split_host_port(address: str) -> tuple[str, int | None]:
+    """`HOST`, `HOST:PORT`, `[IPV6]` or `[IPV6]:PORT` as (host, port or None).
+
+    Raises:
+        ValueError: not one of those forms.
+    """
+    host, port = address, ""
+    if address.startswith("["):
+        host, _, rest = address.partition("]")
+        host += "]"
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected [IPV6]:PORT, got {address!r}")
+        port = rest[1:]
+    elif ":" in address:
+        host, _, port = address.rpartition(":")
+    if not host or host == "[]" or (":" in host and not host.startswith("[")):
+        raise ValueError(f"expected HOST[:PORT] (IPv6 in brackets), got {address!r}")
+    if port and not (port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(f"expected a port in [1, 65535] in {address!r}")
+    return host, int(port) if port else None
+
+
+ROUTE_POLICIES = ("cache-aware", "round-robin")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How a gateway picks the worker for an interactive call (services/routing.py)."""
+
+    policy: str = option(
+        "cache-aware",
+        "cache-aware: the worker with the best score of cached prompt share minus "
+        "weighted load; round-robin: the workers in turn",
+        flag="route-policy",
+        choices=ROUTE_POLICIES,
+    )
+    load_weight: float = option(
+        4.0,
+        "what load costs in the score: a worker pays this much cached prompt share per "
+        "max-num-seqs interactive requests it runs or queues (4: a fully cached prompt "
+        "outweighs a quarter of max-num-seqs more requests)",
+        flag="route-load-weight",
+    )
+
+    def __post_init__(self) -> None:
+        if self.policy not in ROUTE_POLICIES:
+            raise ValueError(f"route policy must be one of {ROUTE_POLICIES}, got {self.policy!r}")
+        if self.load_weight < 0:
+            raise ValueError(f"route load weight must be >= 0, got {self.load_weight}")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """`twolane serve` (and `twolane worker`): the supervisor of every process."""
 
@@ -278,3 +364,18 @@ class ServeConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         return options.from_args(cls, args)
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ServeConfig):
+    """`twolane worker`: the processes of `twolane serve` on a NATS shared with other
+    workers and gateways, announced to the gateways through it."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.jobs.nats_url:
+            raise ValueError(
+                "needs --nats-url (env TWOLANE_NATS_URL): a worker shares one NATS with others"
+            )

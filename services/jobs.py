@@ -101,7 +101,8 @@ async def connect(
 
     The first connection gets `timeout_s`: a NATS that cannot be reached is a one-line
     error naming it, not a process that hangs (nats-py alone would retry forever).
-    `creds` names a file with the user and password to connect as.
+    `creds` names a file with the user and password to connect as. `url` may list
+    several servers of one cluster, comma separated (the rest are discovered).
 
     Raises:
         OSError: NATS did not answer in time, or refused the credentials.

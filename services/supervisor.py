@@ -10,6 +10,10 @@ It starts nats-server (unless `--nats-url`), then the children, each as
 A child that dies is noticed at once and started again, with backoff. On SIGTERM the
 children stop in order: frontends (draining their calls), the job runner (finishing
 or giving back its jobs), the engine core, and last nats-server.
+
+A worker's supervisor also announces the worker to the gateways and relays its
+engine's prefix-cache events (services/membership.py): on SIGTERM it says "draining"
+first, and deletes its record once the children have stopped.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from twolane.services.config import (
     FrontendProcessConfig,
     JobRunnerProcessConfig,
     ServeConfig,
+    WorkerConfig,
 )
 from twolane.services.keys import KeyStore
+from twolane.services.membership import WorkerAnnouncer, advertised_address, announce_worker
 from twolane.services.metrics_http import MetricsServer, multiprocess_registry
 from twolane.services.nats_embedded import EmbeddedNats, death_signal_hook
 from twolane.services.process import run_process, stop_event, unless_stopped
@@ -52,7 +58,6 @@ MAX_RESTART_DELAY_S = 30.0
 STABLE_AFTER_S = 60.0
 STOP_TIMEOUT_S = 15.0
 TENANT_WATCH_S = 1.0
-_NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): a worker shares one NATS with others"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "other workers and gateways (--nats-url is required; no embedded nats-server).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ServeConfig.add_arguments(worker)
+    options.add_options(worker, WorkerConfig)
     worker.set_defaults(func=worker_main)
 
 
@@ -80,13 +85,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    def build(namespace: argparse.Namespace) -> ServeConfig:
-        config = ServeConfig.from_args(namespace)
-        if not config.jobs.nats_url:
-            raise ValueError(_NEEDS_NATS)
-        return config
-
-    return run_process("worker", args, build, serve)
+    return run_process("worker", args, lambda a: options.from_args(WorkerConfig, a), serve)
 
 
 @dataclass
@@ -263,9 +262,16 @@ class Supervisor:
             await asyncio.gather(*(_terminate(c, self.config.listen.grace_period_s) for c in group))
 
     def is_ready(self) -> bool:
-        return bool(self.children) and all(
-            c.ready and c.proc is not None and c.proc.returncode is None for c in self.children
-        )
+        return bool(self.children) and all(_is_up(c) for c in self.children)
+
+    def is_serving(self) -> bool:
+        """Whether interactive calls can be served: the engine core and a frontend are up."""
+        up = {c.role for c in self.children if _is_up(c) and not self.stopping}
+        return {"engine-core", "frontend"} <= up
+
+
+def _is_up(child: Child) -> bool:
+    return child.ready and child.proc is not None and child.proc.returncode is None
 
 
 async def _terminate(child: Child, grace_period_s: float) -> None:
@@ -404,11 +410,26 @@ async def serve(config: ServeConfig) -> None:
         connecting = jobs.connect(
             stack, nats_url, "twolane-serve", nats_creds, availability=nats_availability
         )
-        await unless_stopped(connecting, stop)
+        nc = await unless_stopped(connecting, stop)
         ipc_dir = Path(tempfile.mkdtemp(prefix="twolane-ipc-"))
         stack.callback(shutil.rmtree, ipc_dir, True)
         supervisor = Supervisor(config, nats_url, nats_creds, ipc_dir, port, metrics_dir)
+        announcer: WorkerAnnouncer | None = None
+        if isinstance(config, WorkerConfig):
+            address = advertised_address(config.cluster, config.listen.host, port)
+            announcer = await announce_worker(
+                stack,
+                nc,
+                config.cluster,
+                address,
+                ipc_dir,
+                supervisor.is_serving,
+                num_replicas=config.jobs.nats_replicas,
+            )
         stack.push_async_callback(supervisor.stop_all)
+        if announcer is not None:
+            # First of all on the way out: no gateway sends new calls to a draining worker.
+            stack.push_async_callback(announcer.drain)
         starting = asyncio.ensure_future(supervisor.start_all())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -421,6 +442,8 @@ async def serve(config: ServeConfig) -> None:
             return
         stopping.cancel()
         starting.result()  # raises OSError when a child could not start
+        if announcer is not None:
+            announcer.wake()
         log.info("serving", port=port, nats_url=nats_url, processes=len(supervisor.children))
         await supervisor.watch(stop)
         log.info("stopping")

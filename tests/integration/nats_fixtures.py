@@ -90,8 +90,11 @@ class NatsServer:
         self.start()
 
 
-def start_process(*argv: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start `twolane ARGV` and wait for its `listening` line."""
+def start_process(
+    *argv: str, env: dict[str, str] | None = None, wait: bool = True
+) -> ServerProcess:
+    """Start `twolane ARGV` and wait for its `listening` line (unless not `wait`: then
+    call `wait_listening` later, so that several processes start side by side)."""
     proc = subprocess.Popen(
         [TWOLANE, *argv],
         stdout=subprocess.PIPE,
@@ -101,7 +104,8 @@ def start_process(*argv: str, env: dict[str, str] | None = None) -> ServerProces
     )
     server = ServerProcess(proc)
     threading.Thread(target=server._read_output, daemon=True).start()
-    server.wait_listening()
+    if wait:
+        server.wait_listening()
     return server
 
 

@@ -56,6 +56,7 @@ def test_the_client_imports_only_itself_and_the_api() -> None:
         "twolane.services.gateway",
         "twolane.services.cli",
         "twolane.scheduler.client",
+        "twolane.scheduler.prefix_hash",
         "twolane.client",
     ],
 )
