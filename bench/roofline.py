@@ -57,9 +57,13 @@ def decode_flops(shape: ModelShape, batch: int, context: int) -> float:
     return batch * (2 * shape.num_matmul_params + shape.attention_flops(context))
 
 
-def decode_bytes(shape: ModelShape, batch: int, context: int, elem_bytes: int) -> float:
+def decode_bytes(
+    shape: ModelShape, batch: int, context: int, elem_bytes: int, kv_elem_bytes: int | None = None
+) -> float:
+    """Weights (in the compute dtype) and K/V (in the cache's) a decode step reads."""
+    kv_elem = elem_bytes if kv_elem_bytes is None else kv_elem_bytes
     return shape.num_weight_params * elem_bytes + batch * context * shape.kv_bytes_per_token(
-        elem_bytes
+        kv_elem
     )
 
 
@@ -70,8 +74,9 @@ def decode_floor_s(
     elem_bytes: int,
     read_bytes_per_s: float,
     matmul_flops_per_s: float,
+    kv_elem_bytes: int | None = None,
 ) -> dict[str, float]:
-    memory = decode_bytes(shape, batch, context, elem_bytes) / read_bytes_per_s
+    memory = decode_bytes(shape, batch, context, elem_bytes, kv_elem_bytes) / read_bytes_per_s
     compute = decode_flops(shape, batch, context) / matmul_flops_per_s
     return {"memory_floor_s": memory, "compute_floor_s": compute, "floor_s": max(memory, compute)}
 

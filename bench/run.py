@@ -52,6 +52,12 @@ PLANS = {
     "builtin": Plan(128, LengthRange(8, 256), LengthRange(8, 128), 128, 32, (1, 16, 64), 128),
     "wide": Plan(64, LengthRange(8, 512), LengthRange(8, 256), 32, 8, (1, 16, 64), 128),
 }
+# Real weights with 30 thin layers, where per-layer overhead shows: twolane alone, at one
+# request in flight and at 64, on the wide model's lengths.
+SMOLLM2 = "smollm2"
+SMOLLM2_ROWS = {1: 8, 64: 64}  # concurrency -> requests
+SMOLLM2_LENS = (LengthRange(8, 512), LengthRange(8, 256))
+
 QUICK_PLANS = {
     "builtin": Plan(12, LengthRange(4, 32), LengthRange(4, 16), 8, 12, (1, 4), 32),
     "wide": Plan(8, LengthRange(8, 64), LengthRange(4, 16), 8, 4, (1, 4), 64),
@@ -91,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    models = (args.models or ("builtin" if args.quick else "builtin,wide")).split(",")
+    models = (args.models or ("builtin" if args.quick else f"builtin,wide,{SMOLLM2}")).split(",")
     dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
     if args.target and len(models) != 1:
         print("twolane bench: --target needs exactly one --models entry (the server's checkpoint)")
@@ -118,7 +124,9 @@ def main(args: argparse.Namespace) -> int:
         for dtype in dtypes:
             print(f"== {name} {dtype}", flush=True)
             try:
-                runs.append(run_one(args, name, dtype))
+                runs.append(
+                    run_rows(args, dtype) if name == SMOLLM2 else run_one(args, name, dtype)
+                )
             except Exception:
                 traceback.print_exc()
                 runs.append({"model": name, "dtype": dtype, "error": traceback.format_exc()})
@@ -244,6 +252,41 @@ def run_one(args: argparse.Namespace, name: str, dtype: str) -> dict[str, object
     return run
 
 
+def run_rows(args: argparse.Namespace, dtype: str) -> dict[str, object]:
+    """SmolLM2 through GenerateStream at each concurrency of SMOLLM2_ROWS (twolane only)."""
+    from twolane.bench import interactive
+    from twolane.bench.server import ServerSettings, start_server
+    from twolane.models.resolve import resolve_model_dir
+
+    checkpoint = resolve_model_dir(SMOLLM2)
+    vocab_size = int(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
+    prompt_lens, output_lens = SMOLLM2_LENS
+    rows: dict[int, dict[str, object]] = {}
+    most = max(SMOLLM2_ROWS)
+    longest = prompt_lens.high + output_lens.high
+    settings = ServerSettings(checkpoint, dtype, most, most * -(-longest // BLOCK_SIZE) + 64, most)
+    with start_server(settings) as server:
+        for concurrency, num_requests in SMOLLM2_ROWS.items():
+            specs = random_workload(num_requests, prompt_lens, output_lens, vocab_size, args.seed)
+            rows[concurrency] = interactive.run_interactive(
+                server.address,
+                specs,
+                concurrency,
+                None,
+                args.seed,
+                f"smollm2 {dtype} x{concurrency}",
+            )
+    run: dict[str, object] = {
+        "model": SMOLLM2,
+        "dtype": dtype,
+        "model_dir": str(checkpoint),
+        "workload": {"prompt_lens": str(prompt_lens), "output_lens": str(output_lens)},
+        "rows": rows,
+    }
+    print(report.rows_table([run]), flush=True)
+    return run
+
+
 def measure_roofline(
     checkpoint: Path,
     dtype: str,
@@ -255,17 +298,22 @@ def measure_roofline(
     import torch
 
     from twolane.bench import roofline
+    from twolane.models.loader import compute_dtype
 
-    elem_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    # The floor is the matmul rate of the dtype the engine computes in: on a CPU without
+    # native bfloat16 matmuls, a bfloat16 run computes in float32 over a bfloat16 cache.
+    compute = compute_dtype(dtype, "cpu")
+    elem_bytes = torch.empty((), dtype=getattr(torch, compute)).element_size()
+    kv_elem_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     bandwidth = roofline.measure_read_bandwidth()
-    rate = roofline.measure_matmul_rate(shape, dtype)
+    rate = roofline.measure_matmul_rate(shape, compute)
     steps = roofline.measure_decode_steps(
         str(checkpoint), dtype, plan.roofline_batches, plan.roofline_context
     )
     decode = []
     for batch, step_s in steps.items():
         floors = roofline.decode_floor_s(
-            shape, batch, plan.roofline_context, elem_bytes, bandwidth, rate
+            shape, batch, plan.roofline_context, elem_bytes, bandwidth, rate, kv_elem_bytes
         )
         decode.append(
             {"batch": batch, "step_s": step_s, **floors, "fraction": floors["floor_s"] / step_s}
@@ -274,6 +322,11 @@ def measure_roofline(
     out: dict[str, object] = {
         "read_bytes_per_s": bandwidth,
         "matmul_flops_per_s": rate,
+        "compute_dtype": compute,
+        # What the requested dtype's own matmuls reach here, when the engine computes in another.
+        "requested_dtype_matmul_flops_per_s": (
+            rate if compute == dtype else roofline.measure_matmul_rate(shape, dtype)
+        ),
         "context": plan.roofline_context,
         "decode": decode,
         "workload_flops": flops,

@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 import torch
 
+from twolane.kernels import native
+from twolane.kernels.native_attention import NativePlan, paged_attention_native, plan_native_step
 from twolane.kernels.reference import store_kv_cache_ref
 from twolane.kernels.torch_attention import StepPlan, paged_attention_torch, plan_step
 
@@ -58,9 +60,15 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """What CPU serving runs: one torch loop over the step's sequences."""
+    """CPU attention in plain torch: the fallback where the native op cannot run.
+
+    `fallback_reason` says why the native op was not picked, when it was wanted.
+    """
 
     name = "torch"
+
+    def __init__(self, fallback_reason: str | None = None) -> None:
+        self.fallback_reason = fallback_reason
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         plan = plan_step(meta.query_start_loc, meta.seq_lens, meta.block_tables, block_size)
@@ -79,7 +87,39 @@ class TorchAttentionBackend:
         store_kv_cache_ref(key, value, k_cache, v_cache, meta.slot_mapping)
         if not isinstance(meta.plan, StepPlan):
             raise ValueError("the torch backend needs metadata from its prepare()")
-        return paged_attention_torch(query, k_cache, v_cache, meta.plan, scale)
+        return paged_attention_torch(query, k_cache, v_cache, meta.plan, scale, key, value)
+
+
+class NativeAttentionBackend:
+    """What CPU serving runs: the native op for decodes and the K/V store, SDPA for prefill."""
+
+    name = "native"
+
+    def __init__(self, ops: native.NativeOps) -> None:
+        self.ops = ops
+
+    def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+        plan = plan_native_step(
+            meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, block_size
+        )
+        return dataclasses.replace(meta, plan=plan)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self.ops.store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        if not isinstance(meta.plan, NativePlan):
+            raise ValueError("the native backend needs metadata from its prepare()")
+        return paged_attention_native(
+            self.ops, query, key, value, k_cache, v_cache, meta.plan, scale
+        )
 
 
 class TritonAttentionBackend:
@@ -165,21 +205,43 @@ def _has_cached_prefix(meta: AttentionMetadata) -> bool:
     return bool((meta.seq_lens != query_lens).any())
 
 
-def get_attention_backend(name: str, device: str) -> AttentionBackend:
+def get_attention_backend(
+    name: str, device: str, head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> AttentionBackend:
     """Pick a backend.
 
     Args:
-        name: "auto" (torch on CPU, Triton on CUDA), "torch" or "triton". Triton
-            on CPU runs only in Triton's interpreter (`TRITON_INTERPRET=1`), which
-            is slow and meant for tests.
+        name: "auto" (native on CPU where it loads and fits the model, else torch; Triton
+            on CUDA), "native", "torch" or "triton". Triton on CPU runs only in Triton's
+            interpreter (`TRITON_INTERPRET=1`), which is slow and meant for tests.
         device: the device the model runs on, "cpu" or "cuda[:N]".
+        head_dim, dtype: the model's, when known: the native op needs a head_dim that is
+            a multiple of its vector width and a float32 or bfloat16 cache.
 
     Raises:
-        ValueError: unknown name, or Triton requested where it cannot run.
+        ValueError: unknown name, or a backend requested where it cannot run.
     """
     device_type = torch.device(device).type
-    if name == "torch" or (name == "auto" and device_type == "cpu"):
+    if name == "torch":
         return TorchAttentionBackend()
+    if name in ("auto", "native") and device_type == "cpu":
+        try:
+            ops = native.load()
+        except native.NativeUnavailable as e:
+            if name == "native":
+                raise ValueError(f"attention backend 'native' cannot run here: {e}") from None
+            return TorchAttentionBackend(fallback_reason=str(e))
+        if head_dim is not None and dtype is not None and not ops.supports(head_dim, dtype):
+            reason = (
+                f"the native op ({ops.isa}, {ops.vector_lanes} lanes) does not take head_dim "
+                f"{head_dim} in {dtype}"
+            )
+            if name == "native":
+                raise ValueError(f"attention backend 'native' cannot run here: {reason}")
+            return TorchAttentionBackend(fallback_reason=reason)
+        return NativeAttentionBackend(ops)
+    if name == "native":
+        raise ValueError(f"attention backend 'native' runs on cpu only, not {device!r}")
     if name == "auto" and device_type == "cuda":
         return _triton_backend(device_type) if _triton_available() else TorchAttentionBackend()
     if name == "triton":
@@ -192,7 +254,8 @@ def get_attention_backend(name: str, device: str) -> AttentionBackend:
             )
         return _triton_backend(device_type)
     raise ValueError(
-        f"unknown attention backend {name!r} for device {device!r}; known: auto, torch, triton"
+        f"unknown attention backend {name!r} for device {device!r}; "
+        "known: auto, native, torch, triton"
     )
 
 

@@ -5,11 +5,12 @@ A step is planned once and the plan is used by every layer:
 - Decoding sequences (one query each) are grouped by context length into buckets
   whose padding stays small, and each bucket runs as one batched, masked attention:
   a few ops per bucket instead of a dozen per sequence.
-- Prefill chunks run one sequence at a time; each is already a large product.
+- Prefill chunks run one sequence at a time through torch's flash SDPA
+  (`prefill_attention`), which never holds the full score matrix.
 
-Query heads of a group share one view of their KV head (no copy per query head), and
-everything runs in fp32 whatever the cache dtype: CPU products on strided 16-bit
-operands are several times slower than upcasting them first.
+In decode buckets, query heads of a group share one view of their KV head (no copy per
+query head), and everything runs in fp32 whatever the cache dtype: CPU products on
+strided 16-bit operands are several times slower than upcasting them first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # A decode bucket may hold at most this many padded context slots per real one.
 MAX_PADDING_RATIO = 1.2
@@ -104,23 +106,66 @@ def paged_attention_torch(
     v_cache: torch.Tensor,
     plan: StepPlan,
     scale: float,
+    key: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim]: this step's
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Causal attention for every sequence of a step, decodes and prefill chunks alike."""
-    num_kv_heads, head_dim = k_cache.shape[2:]
+    """Causal attention for every sequence of a step, decodes and prefill chunks alike.
+
+    With the step's own `key` and `value`, a prefill chunk without a cached prefix attends
+    to them rather than to the cache (the same values, read without a gather).
+    """
+    num_kv_heads = k_cache.shape[2]
     group = query.shape[1] // num_kv_heads
     out = torch.empty_like(query)
-    query32 = query.float()
+    query32 = query.float() if plan.decodes else query
     for bucket in plan.decodes:
         out[bucket.rows] = _decode_bucket(query32, k_cache, v_cache, bucket, group, scale).to(
             out.dtype
         )
     for p in plan.prefills:
-        key = k_cache.index_select(0, p.blocks).view(-1, num_kv_heads, head_dim)[: p.seq_len]
-        value = v_cache.index_select(0, p.blocks).view(-1, num_kv_heads, head_dim)[: p.seq_len]
-        out[p.start : p.end] = _attend(
-            query32[p.start : p.end], key.float(), value.float(), group, scale
-        )
+        out[p.start : p.end] = prefill_attention(query, k_cache, v_cache, p, scale, key, value)
     return out
+
+
+def prefill_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    p: PrefillPlan,
+    scale: float,
+    key: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim]: this step's
+    value: torch.Tensor | None = None,
+) -> torch.Tensor:  # [p.end - p.start, num_heads, head_dim]
+    """Causal attention of one prefill chunk through torch's flash SDPA (no score matrix).
+
+    The chunk's queries are the last positions of its sequence. A chunk after a cached
+    prefix reads the prefix's blocks (one gather per chunk, not per layer and query); the
+    mask then puts the causal diagonal at the end of the context rather than its start.
+    """
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    q_len = p.end - p.start
+    mask = None
+    if key is not None and value is not None and p.seq_len == q_len:
+        # Rounded to the cache's dtype, as a read from the cache would be.
+        k = key[p.start : p.end].to(k_cache.dtype)
+        v = value[p.start : p.end].to(v_cache.dtype)
+    else:
+        k = k_cache.index_select(0, p.blocks).view(-1, num_kv_heads, head_dim)[: p.seq_len]
+        v = v_cache.index_select(0, p.blocks).view(-1, num_kv_heads, head_dim)[: p.seq_len]
+        if p.seq_len > q_len:
+            mask = torch.ones(q_len, p.seq_len, dtype=torch.bool).tril(p.seq_len - q_len)
+    # The cache may be narrower than the queries (bfloat16 under float32 compute).
+    k, v = k.to(query.dtype), v.to(query.dtype)
+    out = F.scaled_dot_product_attention(
+        query[p.start : p.end].transpose(0, 1)[None],  # [1, num_heads, q_len, head_dim]
+        k.transpose(0, 1)[None],  # [1, num_kv_heads, seq_len, head_dim]
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
 
 
 def _decode_bucket(
@@ -145,32 +190,3 @@ def _decode_bucket(
     scores.masked_fill_(padding[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, values).view(n, num_kv_heads * group, head_dim)
-
-
-def _attend(
-    query: torch.Tensor,  # [q_len, num_heads, head_dim]: the last q_len positions
-    key: torch.Tensor,  # [kv_len, num_kv_heads, head_dim]
-    value: torch.Tensor,
-    group: int,
-    scale: float,
-) -> torch.Tensor:
-    q_len, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads, _ = key.shape
-    # Fold the query heads of a group into the rows of one product per KV head:
-    # [num_kv_heads, group * q_len, head_dim] x [num_kv_heads, head_dim, kv_len].
-    q = query.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-    q = q.reshape(num_kv_heads, group * q_len, head_dim)
-    scores = torch.bmm(q, key.permute(1, 2, 0)) * scale
-    if q_len > 1:
-        scores = scores.view(num_kv_heads, group, q_len, kv_len)
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-        k_pos = torch.arange(kv_len, device=query.device)[None, :]
-        scores.masked_fill_(k_pos > q_pos, float("-inf"))
-        scores = scores.view(num_kv_heads, group * q_len, kv_len)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.bmm(probs, value.transpose(0, 1))  # [num_kv_heads, group * q_len, head_dim]
-    return (
-        out.view(num_kv_heads, group, q_len, head_dim)
-        .permute(2, 0, 1, 3)
-        .reshape(q_len, num_heads, head_dim)
-    )

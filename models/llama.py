@@ -18,6 +18,8 @@ from twolane.models.batch import ForwardHook
 from twolane.models.config import ModelConfig, RopeScaling
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+# cos and sin at a step's positions, [num_tokens, 1, head_dim]: looked up once per step.
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -65,11 +67,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_positions, head_dim]
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """cos and sin at `positions` in `dtype`: every layer of a step shares them."""
+        return (
+            self.cos[positions].unsqueeze(1).to(dtype),
+            self.sin[positions].unsqueeze(1).to(dtype),
+        )
+
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, rope: Rope, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        cos, sin = rope
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -96,7 +104,7 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: Rope,
         hidden: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
@@ -107,7 +115,7 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(rope, q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -134,7 +142,7 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: Rope,
         hidden: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
@@ -142,7 +150,7 @@ class DecoderLayer(nn.Module):
         hook: ForwardHook | None = None,
     ) -> torch.Tensor:
         hidden = hidden + self.self_attn(
-            positions, self.input_layernorm(hidden), kv_cache, meta, backend
+            rope, self.input_layernorm(hidden), kv_cache, meta, backend
         )
         if hook is not None:
             hook.safe_point()
@@ -174,8 +182,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         """Run the decoder; `hook`, if given, is called at its safe points (ForwardHook)."""
         hidden = self.embed_tokens(input_ids)
+        rope = self.layers[0].self_attn.rotary.tables(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta, backend, hook)
+            hidden = layer(rope, hidden, kv_cache, meta, backend, hook)
             if hook is not None:
                 hook.safe_point()
         return hidden

@@ -54,10 +54,19 @@ class EngineConfig:
         choices=("float32", "bfloat16", "float16"),
     )
     device: str = option("cpu", "where the model runs", choices=("cpu", "cuda"))
+    bf16_compute: str = option(
+        "auto",
+        "with --dtype bfloat16 on cpu, the dtype of weights and matmuls: auto (bfloat16 "
+        "where the CPU has AVX512-BF16 or AMX, else float32 with the KV cache kept in "
+        "bfloat16: torch's bfloat16 matmuls are several times slower than float32 there), "
+        "bfloat16 or float32",
+        choices=("auto", "bfloat16", "float32"),
+    )
     attention_backend: str = option(
         "auto",
-        "attention kernels: auto (torch on cpu, triton on cuda), torch or triton",
-        choices=("auto", "torch", "triton"),
+        "attention kernels: auto (the native op on cpu where it is built, else torch; "
+        "triton on cuda), native, torch or triton",
+        choices=("auto", "native", "torch", "triton"),
     )
     block_size: int = option(16, "tokens per KV block (a power of two)")
     num_blocks: int = option(0, "KV cache blocks; 0 sizes the cache from --kv-cache-bytes")
@@ -117,11 +126,16 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 0, got {self.max_model_len}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.bf16_compute not in ("auto", "bfloat16", "float32"):
+            raise ValueError(
+                f"bf16_compute must be auto, bfloat16 or float32, got {self.bf16_compute!r}"
+            )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
+        if self.attention_backend not in ("auto", "native", "torch", "triton"):
             raise ValueError(
-                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+                "attention_backend must be auto, native, torch or triton, "
+                f"got {self.attention_backend!r}"
             )
         if self.max_waiting_interactive <= 0:
             raise ValueError("max_waiting_interactive must be positive")

@@ -14,10 +14,10 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from twolane.kernels.attention import get_attention_backend
+from twolane.kernels.attention import TorchAttentionBackend, get_attention_backend
 from twolane.models.batch import BatchSequence, ForwardHook, SamplingRow
 from twolane.models.config import ModelConfig
-from twolane.models.loader import DTYPES, load_model
+from twolane.models.loader import DTYPES, compute_dtype, load_model
 from twolane.models.resolve import resolve_model_dir
 from twolane.models.runner import ModelRunner, StepResult
 from twolane.models.sampling import make_generator
@@ -60,10 +60,19 @@ class EngineCore:
         self.config = config
         self.instance_id = instance_id
         self.model_dir = resolve_model_dir(config.model, config.seed)
-        dtype = DTYPES[config.dtype]
+        dtype = DTYPES[config.dtype]  # the KV cache's
+        self.compute_dtype = compute_dtype(config.dtype, config.device, config.bf16_compute)
+        if self.compute_dtype != config.dtype:
+            log.info(
+                "bf16_compute_in_float32",
+                reason="no AVX512-BF16 or AMX on this CPU"
+                if config.bf16_compute == "auto"
+                else "--bf16-compute float32",
+                kv_cache="bfloat16",
+            )
         max_positions = self._max_positions(self.model_dir)
         model, self.model_config = load_model(
-            self.model_dir, config.dtype, config.device, max_positions
+            self.model_dir, self.compute_dtype, config.device, max_positions
         )
         num_blocks = config.num_blocks or max(
             1,
@@ -84,7 +93,13 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, policy
         )
-        backend = get_attention_backend(config.attention_backend, config.device)
+        backend = get_attention_backend(
+            config.attention_backend, config.device, self.model_config.head_dim, dtype
+        )
+        if isinstance(backend, TorchAttentionBackend) and backend.fallback_reason:
+            log.warning(
+                "native_attention_unavailable", reason=backend.fallback_reason, using="torch"
+            )
         self.runner = ModelRunner(
             model, self.model_config, backend, num_blocks, config.block_size, dtype, config.device
         )
@@ -98,6 +113,7 @@ class EngineCore:
             "engine_ready",
             model=str(self.model_dir),
             dtype=config.dtype,
+            compute_dtype=self.compute_dtype,
             device=config.device,
             attention=backend.name,
             num_blocks=num_blocks,

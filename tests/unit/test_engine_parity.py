@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 from checkpoints import VOCAB_SIZE, hf_greedy
 from engine_driver import record_schedules, run_staggered
 
+from twolane.kernels import native
 from twolane.scheduler.config import EngineConfig
 from twolane.scheduler.engine import EngineCore
 from twolane.scheduler.request import Priority, SamplingParams
@@ -97,6 +99,30 @@ def test_greedy_matches_transformers_under_chunked_prefill_and_preemption(
     assert chunked, "a prompt longer than the token budget was meant to be chunked"
     mixed = [out for out in schedules if len({s.num_new_tokens > 1 for s in out.scheduled}) == 2]
     assert mixed, "some step was meant to mix a prefill chunk with decodes"
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_greedy_matches_transformers_on_each_cpu_attention_backend(
+    backend: str, llama_dir: Path, references: dict[str, list[list[int]]]
+) -> None:
+    # auto picks native where it is built: torch, the fallback, must stay exact too.
+    if backend == "native":
+        try:
+            native.load()
+        except native.NativeUnavailable as e:
+            if native.cpu_isa() is None or shutil.which("c++") is None:
+                pytest.skip(f"the native op cannot be built here: {e}")
+            raise
+    config = EngineConfig(
+        model=str(llama_dir),
+        attention_backend=backend,
+        block_size=4,
+        num_blocks=40,
+        max_num_batched_tokens=16,
+    )
+    engine = EngineCore(config)
+    assert engine.runner.backend.name == backend
+    check_against_reference(engine, references["llama"], mid_step=False)
 
 
 def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(llama_dir: Path) -> None:

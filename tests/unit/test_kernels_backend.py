@@ -77,8 +77,8 @@ def test_triton_backend_matches_torch_backend(
     torch.testing.assert_close(out, expected, **TOLERANCES[case.dtype])
 
 
-def test_auto_picks_torch_on_cpu() -> None:
-    assert get_attention_backend("auto", "cpu").name == "torch"
+def test_torch_on_cpu_on_request() -> None:
+    assert get_attention_backend("torch", "cpu").name == "torch"
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the kernels were built for the GPU")
