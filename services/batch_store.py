@@ -336,9 +336,11 @@ async def open_stores(js: JetStreamContext, config: JobsConfig) -> tuple[FileSto
             api.ObjectStoreConfig(
                 description="Batch API files: inputs, outputs and errors",
                 storage=api.StorageType.FILE,
+                replicas=config.nats_replicas,
             ),
         )
-    await jetstream.ensure_stream(
-        js, jetstream.bucket(BATCHES_BUCKET, config.record_ttl_s, "Batch API batches by id")
+    batches = jetstream.bucket(
+        BATCHES_BUCKET, config.record_ttl_s, "Batch API batches by id", config.nats_replicas
     )
+    await jetstream.ensure_stream(js, batches)
     return FileStore(objects), BatchStore(await js.key_value(BATCHES_BUCKET))

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import time
@@ -127,7 +128,7 @@ async def run_http_front(config: HttpProcessConfig) -> None:
             render,
             served_model=model_name,
             default_chat_max_tokens=limits.max_model_len,
-            runner_id=jobs.default_worker_id(),
+            runner_id=f"{socket.gethostname()}-{os.getpid()}",
             admit=_line_admitter(keys, quotas) if keys is not None else None,
         )
         await runner.start()
