@@ -269,7 +269,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
         if is_last or err.code() is not grpc.StatusCode.UNAVAILABLE:
             return False
         log.warning("worker unavailable", worker=worker.address, error=err.details())
-        gateway_metrics.FAILOVERS.inc()
+        gateway_metrics.FAILOVERS.labels(worker.address).inc()
         return True
 
     @grpc_errors

@@ -17,16 +17,23 @@ REQUESTS = Counter(
     "Interactive calls forwarded, by the worker that answered.",
     ["worker"],
 )
+# Every series is per worker, so none has a sample before the gateway uses it: every
+# process imports this module (through the CLI), and the merged scrape of a `twolane serve`
+# must not carry a gateway's series without the model_name its own all have.
 FAILOVERS = Counter(
     "twolane_gateway_failovers",
-    "Calls moved on to another worker after one answered UNAVAILABLE.",
+    "Calls moved on to another worker, by the worker that answered UNAVAILABLE.",
+    ["worker"],
 )
 PROMPT_TOKENS = Counter(
-    "twolane_gateway_prompt_tokens", "Prompt tokens of the calls forwarded (as the workers count)."
+    "twolane_gateway_prompt_tokens",
+    "Prompt tokens of the calls forwarded (as the workers count), by worker.",
+    ["worker"],
 )
 CACHED_TOKENS = Counter(
     "twolane_gateway_cached_tokens",
     "Prompt tokens the workers served from their prefix cache (their usage.cached_tokens).",
+    ["worker"],
 )
 CACHE_INDEX_BLOCKS = Gauge(
     "twolane_gateway_cache_index_blocks",
@@ -36,6 +43,7 @@ CACHE_INDEX_BLOCKS = Gauge(
 PREDICTED_CACHED_TOKENS = Counter(
     "twolane_gateway_predicted_cached_tokens",
     "Prompt tokens routing expected the chosen worker to hold in its prefix cache.",
+    ["worker"],
 )
 
 
@@ -57,6 +65,6 @@ def count_cached_blocks(worker: str, num_blocks: int | None) -> None:
 
 def observe_answer(worker: str, usage: generate_pb2.Usage, num_predicted_cached: int) -> None:
     REQUESTS.labels(worker).inc()
-    PROMPT_TOKENS.inc(usage.prompt_tokens)
-    CACHED_TOKENS.inc(usage.cached_tokens)
-    PREDICTED_CACHED_TOKENS.inc(num_predicted_cached)
+    PROMPT_TOKENS.labels(worker).inc(usage.prompt_tokens)
+    CACHED_TOKENS.labels(worker).inc(usage.cached_tokens)
+    PREDICTED_CACHED_TOKENS.labels(worker).inc(num_predicted_cached)
