@@ -44,7 +44,6 @@ from twolane.services import jobs, nats_auth, options
 from twolane.services.availability import Availability
 from twolane.services.config import (
     NATS_URL_REQUIRED_HELP,
-    NO_EMBEDDED_NATS,
     ChildConfig,
     EngineCoreProcessConfig,
     FrontendProcessConfig,
@@ -70,6 +69,12 @@ STOP_TIMEOUT_S = 15.0
 TENANT_WATCH_S = 1.0
 
 
+WORKER_DATA_DIR_HELP = (
+    "this worker's own state: its identity across restarts (so a restarted worker gives "
+    "back at once the jobs it held), webhook signing secrets, the audit log"
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve",
@@ -86,8 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "other workers and gateways (--nats-url is required: a worker starts no nats-server).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    # A worker keeps --data-dir though it starts no NATS: its identity (worker_slot.py)
+    # and the webhook secrets live there.
     options.add_options(
-        worker, WorkerConfig, skip=NO_EMBEDDED_NATS, helps={"nats_url": NATS_URL_REQUIRED_HELP}
+        worker,
+        WorkerConfig,
+        helps={"nats_url": NATS_URL_REQUIRED_HELP, "data_dir": WORKER_DATA_DIR_HELP},
     )
     worker.set_defaults(func=worker_main)
 

@@ -40,7 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    actions = webhooks.add_subparsers(dest="webhooks_command", metavar="ACTION", required=True)
+    actions = webhooks.add_subparsers(
+        dest="webhooks_command",
+        metavar="ACTION",
+        required=True,
+        help="serve, secret, rotate or redeliver",
+    )
     serve = actions.add_parser(
         "serve",
         help="(started by serve) deliver completion events to the jobs' webhook URLs",
