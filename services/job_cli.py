@@ -326,9 +326,13 @@ def batch_main(args: argparse.Namespace) -> int:
     if not lines:
         print(f"twolane batch: {args.input} has no requests", file=sys.stderr)
         return 2
-    url = nats_url(args, "batch")
+    url = args.nats_url or read_url_file(Path(args.data_dir)) or None
     if url is None:
-        return 2
+        print(
+            "twolane batch: no NATS URL (--nats-url, or --data-dir of the server): waiting "
+            "for the jobs by polling GetResult",
+            file=sys.stderr,
+        )
     good = [line for line in lines if isinstance(line, GoodLine)]
     errors_path = args.errors or args.output.with_suffix(".errors.jsonl")
     try:
@@ -377,6 +381,10 @@ def idempotency_key(model: str, tier: str, line: GoodLine) -> str:
     return "batch-" + digest.hexdigest()[:32]
 
 
+POLL_FIRST_PAUSE_S = 0.2
+POLL_MAX_PAUSE_S = 2.0
+
+
 @dataclass
 class BatchOutcome:
     results: list[dict[str, Any]] = field(default_factory=list)  # the output file's lines
@@ -385,8 +393,11 @@ class BatchOutcome:
     num_reused: int = 0
 
 
-async def run_batch(args: argparse.Namespace, url: str, lines: list[GoodLine]) -> BatchOutcome:
-    """Submit every line, wait for every job's completion event, return the file lines."""
+async def run_batch(
+    args: argparse.Namespace, url: str | None, lines: list[GoodLine]
+) -> BatchOutcome:
+    """Submit every line, wait for every job's completion event (or, without a NATS URL,
+    poll GetResult), and return the file lines."""
     events: dict[str, jobs_pb2.JobEvent] = {}
     arrived = asyncio.Event()
 
@@ -397,9 +408,11 @@ async def run_batch(args: argparse.Namespace, url: str, lines: list[GoodLine]) -
             arrived.set()
 
     async with contextlib.AsyncExitStack() as stack:
-        nc = await connect(stack, url, "twolane-batch", args.nats_creds)
-        # Subscribed before submitting, so no event is missed.
-        await nc.subscribe(jetstream.result_subject(args.tenant, "*"), cb=on_event)
+        nc = None
+        if url is not None:
+            nc = await connect(stack, url, "twolane-batch", args.nats_creds)
+            # Subscribed before submitting, so no event is missed.
+            await nc.subscribe(jetstream.result_subject(args.tenant, "*"), cb=on_event)
         async with Connection.from_args(args).aio_channel() as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             stats = await stub.GetStats(inference_pb2.GetStatsRequest(), timeout=RPC_TIMEOUT_S)
@@ -407,7 +420,10 @@ async def run_batch(args: argparse.Namespace, url: str, lines: list[GoodLine]) -
             submitted = await _submit_all(
                 stub, stats.model_name, args.tier, lines, outcome, args.webhook_url
             )
-        await _wait_for_events(nc, args, submitted, events, arrived)
+            if nc is None:
+                await _poll_results(stub, args, submitted, events)
+        if nc is not None:
+            await _wait_for_events(nc, args, submitted, events, arrived)
     for line, job_id in submitted:
         outcome_line(outcome, line, events[job_id], stats.model_name)
     return outcome
@@ -495,6 +511,45 @@ async def _wait_for_events(
                 raise TimeoutError(f"{len(job_ids) - done} jobs did not finish in {args.timeout} s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(arrived.wait(), remaining_s)
+
+
+async def _poll_results(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+    args: argparse.Namespace,
+    submitted: list[tuple[GoodLine, str]],
+    events: dict[str, jobs_pb2.JobEvent],
+) -> None:
+    """Without NATS: GetResult each unfinished job, pausing longer while none finishes."""
+    pending = {job_id for _, job_id in submitted}
+    give_up_at = None if args.timeout is None else time.monotonic() + args.timeout
+    pause_s = POLL_FIRST_PAUSE_S
+    with tqdm(total=len(pending), desc="jobs", unit="job") as progress:
+        while pending:
+            finished = 0
+            for job_id in sorted(pending):
+                reply = await stub.GetResult(
+                    jobs_pb2.GetResultRequest(job_id=job_id), timeout=RPC_TIMEOUT_S
+                )
+                if reply.state in FINAL_STATES:
+                    event = jobs_pb2.JobEvent(
+                        job_id=job_id,
+                        state=reply.state,
+                        error=reply.error,
+                        custom_id=reply.custom_id,
+                        finished_at=reply.finished_at,
+                    )
+                    if reply.HasField("result"):
+                        event.result.CopyFrom(reply.result)
+                    events[job_id] = event
+                    pending.discard(job_id)
+                    finished += 1
+            progress.update(finished)
+            if not pending:
+                return
+            if give_up_at is not None and time.monotonic() > give_up_at:
+                raise TimeoutError(f"{len(pending)} jobs did not finish in {args.timeout} s")
+            pause_s = POLL_FIRST_PAUSE_S if finished else min(2 * pause_s, POLL_MAX_PAUSE_S)
+            await asyncio.sleep(pause_s)
 
 
 def outcome_line(

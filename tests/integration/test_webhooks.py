@@ -246,6 +246,9 @@ async def test_submit_and_batch_on_the_command_line_take_a_webhook_url(
     job_id = cli(hooks, "submit", "from the shell", "--webhook-url", receiver.url()).strip()
     lines = [json.dumps({"custom_id": f"row-{i}", "body": {"prompt": f"p{i}"}}) for i in range(3)]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    # A data dir without nats.url: `twolane batch` waits by polling GetResult, as a
+    # tenant with only an API key does.
+    (tmp_path / "no-nats").mkdir()
     cli(
         hooks,
         "batch",
@@ -256,6 +259,8 @@ async def test_submit_and_batch_on_the_command_line_take_a_webhook_url(
         "2",
         "--webhook-url",
         receiver.url(path="/batch"),
+        "--data-dir",
+        str(tmp_path / "no-nats"),
     )
     await receiver.wait_for(4)
     hook = Webhook(hooks.secret("alpha"))
