@@ -141,6 +141,8 @@ async def run_gateway(config: GatewayConfig) -> None:
             )
         else:
             gateway_metrics.count_workers([None] * len(config.workers))
+            for address in config.workers:
+                gateway_metrics.know_worker(address)
             servicer = GatewayServicer(pool, store, Router(config.routing))
         if config.metrics_port >= 0:
             _serve_metrics(
@@ -183,6 +185,7 @@ async def _follow_workers(
         pool.update(key, record)
         index.track(key, record)
         if record is not None:
+            gateway_metrics.know_worker(record.address)
             tokenizers.want(record.tokenizer)
             held = index.index(key)
             gateway_metrics.count_cached_blocks(

@@ -47,6 +47,12 @@ PREDICTED_CACHED_TOKENS = Counter(
 )
 
 
+def know_worker(worker: str) -> None:
+    """Start a worker's series at zero, so a scrape shows them before its first call."""
+    for counter in (REQUESTS, FAILOVERS, PROMPT_TOKENS, CACHED_TOKENS, PREDICTED_CACHED_TOKENS):
+        counter.labels(worker)
+
+
 def count_workers(records: list[WorkerRecord | None]) -> None:
     """Set the workers gauge; None stands for a static --worker (counted as serving)."""
     by_state = Tally(record.state if record is not None else SERVING for record in records)
