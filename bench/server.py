@@ -108,6 +108,12 @@ def start_twolane(
     )
     server = Server(address="", data_dir=data_dir, proc=proc)
     listening = threading.Event()
+    # Only a server given --http-port has an HTTP front to wait for (workers and
+    # gateways never do).
+    wants_http = "--http-port" in args
+
+    def started() -> bool:
+        return bool(server.address) and (bool(server.http_url) or not wants_http)
 
     def read_output() -> None:
         # Reading continuously keeps the pipe from filling up and blocking the server.
@@ -118,13 +124,13 @@ def start_twolane(
                 server.http_url = f"http://127.0.0.1:{port}"
             elif not server.address and "listening" in line and (port := _port(line)):
                 server.address = f"127.0.0.1:{port}"
-            if server.address and server.http_url:
+            if started():
                 listening.set()
         listening.set()
 
     threading.Thread(target=read_output, daemon=True).start()
     listening.wait(STARTUP_TIMEOUT_S)
-    if not server.address or not server.http_url:
+    if not started():
         server.stop()
         tail = "".join(server.lines[-20:])
         raise RuntimeError(f"twolane {args[0]} did not start listening; its output:\n{tail}")

@@ -7,9 +7,10 @@
 
 Both clients have the same methods: `generate`, `stream`, `chat`, `get_stats` on the
 interactive lane; `submit`, `result`, `cancel`, `wait`, `submit_and_wait` and `batch` on
-the batch lane. Calls have deadlines, are retried on UNAVAILABLE and RESOURCE_EXHAUSTED
-only (with backoff, full jitter, the server's RetryInfo and a retry budget), carry an
-`x-request-id` and the current trace context, and fail with the typed errors below.
+the batch lane, and `watch` (a job's completion event, from NATS alone). Calls have
+deadlines, are retried on UNAVAILABLE and RESOURCE_EXHAUSTED only (with backoff, full
+jitter, the server's RetryInfo and a retry budget), carry an `x-request-id` and the
+current trace context, and fail with the typed errors below.
 The package needs neither torch nor the server's code.
 """
 
@@ -20,6 +21,7 @@ from twolane.client.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
+    EventsUnreachable,
     FailedPrecondition,
     FieldViolation,
     InternalError,
@@ -50,6 +52,7 @@ __all__ = [
     "ClientConfig",
     "ClientStats",
     "DeadlineExceeded",
+    "EventsUnreachable",
     "FailedPrecondition",
     "FieldViolation",
     "InternalError",

@@ -229,6 +229,15 @@ class AsyncClient:
             await subscription.close()
         return await self._poll(job_id, deadline)
 
+    async def watch(self, job_id: str, timeout_s: float | None = None) -> jobs_pb2.JobEvent | None:
+        """The job's completion event from NATS alone (no gRPC call): the stored one if
+        the job has finished, else the next one within `timeout_s`; None if none came.
+
+        Raises:
+            EventsUnreachable: no NATS URL, or NATS cannot be reached or refused us.
+        """
+        return await self._events.watch(job_id, timeout_s)
+
     async def submit_and_wait(
         self,
         prompt: Prompt | jobs_pb2.SubmitJobRequest | None = None,

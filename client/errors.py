@@ -99,6 +99,11 @@ class Unavailable(TwolaneError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class EventsUnreachable(Unavailable):
+    """`watch()` cannot read completion events: no NATS URL, or NATS cannot be reached
+    (or refuses these credentials)."""
+
+
 class DeadlineExceeded(TwolaneError, TimeoutError):
     """The call's deadline passed before it finished."""
 

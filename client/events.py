@@ -3,7 +3,9 @@
 One NATS connection per client, made on the first wait and kept (it reconnects by
 itself). When NATS cannot be reached, `subscribe` returns None and the caller polls;
 the next attempt to connect comes `RECONNECT_AFTER_S` later, so that a client without
-NATS does not pay a connect timeout on every wait.
+NATS does not pay a connect timeout on every wait. `watch` reads events only (no gRPC):
+the stored one by a direct get on the results stream, which a tenant's NATS user may
+do for its own subjects, else the next one published.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import time
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
 from twolane.client.config import DEFAULT_TENANT, ClientConfig
+from twolane.client.errors import EventsUnreachable
 from twolane.v1 import jobs_pb2
 
 RECONNECT_AFTER_S = 30.0
+RESULTS_STREAM = "TWOLANE_RESULTS"  # where the server keeps every completion event
 
 
 class EventsLost(Exception):
@@ -37,6 +42,7 @@ class JobEvents:
         self._config = config
         self._nc: NATS | None = None
         self._unreachable_until_s = 0.0
+        self._unreachable_reason = ""
         self._lock = asyncio.Lock()
 
     async def subscribe(self, job_id: str) -> EventSubscription | None:
@@ -56,6 +62,44 @@ class JobEvents:
         except (nats.errors.Error, OSError, asyncio.TimeoutError):
             return None
         return EventSubscription(sub)
+
+    async def watch(self, job_id: str, timeout_s: float | None) -> jobs_pb2.JobEvent | None:
+        """The job's completion event: the stored one if it is out, else the next one
+        within `timeout_s` (None: wait for ever); None when none came in time.
+
+        Raises:
+            EventsUnreachable: no NATS URL, or NATS cannot be reached or refused us.
+        """
+        url = self._config.resolved_nats_url()
+        if not url:
+            raise EventsUnreachable("no NATS URL: set nats_url, or data_dir of the server")
+        nc = await self._connection()
+        if nc is None:
+            raise EventsUnreachable(f"cannot reach NATS at {url}: {self._unreachable_reason}")
+        subject = result_subject(self._config.resolved_tenant(), job_id)
+        wait_s = math.ceil(self._config.nats_connect_timeout_s)
+        try:
+            # Subscribed before looking back, so an event published in between arrives.
+            sub = await nc.subscribe(subject, max_msgs=1)
+            await nc.flush(timeout=wait_s)
+            subscription = EventSubscription(sub)
+            try:
+                stored = await nc.jetstream().get_last_msg(RESULTS_STREAM, subject, direct=True)
+                return jobs_pb2.JobEvent.FromString(stored.data)
+            except nats.js.errors.NotFoundError:
+                pass
+            try:
+                return await subscription.next_event(
+                    365 * 24 * 3600.0 if timeout_s is None else timeout_s
+                )
+            finally:
+                await subscription.close()
+        except (nats.errors.Error, OSError, asyncio.TimeoutError, EventsLost) as exc:
+            # A permissions violation shows as no reply: name the likely cause.
+            raise EventsUnreachable(
+                f"NATS at {url} did not answer for {subject} ({exc or type(exc).__name__}); "
+                "are the NATS credentials this tenant's?"
+            ) from None
 
     async def close(self) -> None:
         if self._nc is not None:
@@ -101,7 +145,8 @@ class JobEvents:
                 ),
                 timeout_s,
             )
-        except (nats.errors.Error, OSError, asyncio.TimeoutError):
+        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+            self._unreachable_reason = str(exc) or type(exc).__name__
             return None
 
 

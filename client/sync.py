@@ -227,6 +227,10 @@ class Client:
         `AsyncClient.wait`)."""
         return self._loop.run(self._async.wait(job_id, timeout_s))
 
+    def watch(self, job_id: str, timeout_s: float | None = None) -> jobs_pb2.JobEvent | None:
+        """The job's completion event from NATS alone (see `AsyncClient.watch`)."""
+        return self._loop.run(self._async.watch(job_id, timeout_s))
+
     def submit_and_wait(
         self,
         prompt: Prompt | jobs_pb2.SubmitJobRequest | None = None,

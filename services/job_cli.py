@@ -5,9 +5,9 @@
 writes the output and error files in the Batch API's format. It waits on the jobs'
 completion events (NATS), and a line run before on the same model with the same
 parameters reuses its result.
-`submit`, `result` and `cancel` call the server through `twolane.client` (its
-deadlines, retries, idempotency keys and errors); `watch` reads the completion event
-from NATS itself, so it needs no gRPC server.
+Every command goes through `twolane.client` (its deadlines, retries, idempotency
+keys, waiting and errors), so the CLI and the client cannot drift; `watch` reads the
+completion event from NATS alone (`Client.watch`), so it needs no gRPC server.
 """
 
 from __future__ import annotations
@@ -24,21 +24,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
-import nats
-import nats.errors
-import nats.js.errors
 from google.protobuf import json_format
 from tqdm import tqdm
 
-from twolane.client import Client, Sampling, TwolaneError
+from twolane.client import (
+    AsyncClient,
+    Client,
+    ClientConfig,
+    EventsUnreachable,
+    InvalidArgument,
+    RateLimited,
+    Sampling,
+    TwolaneError,
+    WaitTimeout,
+)
 from twolane.client.requests import TIERS
 from twolane.services import jetstream
 from twolane.services.batch_lines import BadLine, GoodLine, parse_lines
 from twolane.services.channel import Connection, add_connection_args
 from twolane.services.config import default_data_dir, env_default
 from twolane.services.generate_cli import describe_error
-from twolane.services.jobs import NATS_CONNECT_TIMEOUT_S, connect
+from twolane.services.jobs import NATS_CONNECT_TIMEOUT_S
 from twolane.services.nats_embedded import read_url_file
 from twolane.services.openai_format import (
     Reply,
@@ -49,20 +55,13 @@ from twolane.services.openai_format import (
     response_body,
 )
 from twolane.services.openai_schema import CHAT_COMPLETIONS
-from twolane.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2
+from twolane.v1 import jobs_pb2
 
 R = TypeVar("R")
 RPC_TIMEOUT_S = 30.0
 
-FINAL_STATES = frozenset(
-    {
-        jobs_pb2.JOB_STATE_SUCCEEDED,
-        jobs_pb2.JOB_STATE_FAILED,
-        jobs_pb2.JOB_STATE_CANCELLED,
-        jobs_pb2.JOB_STATE_EXPIRED,
-    }
-)
 MAX_CONCURRENT_CALLS = 32
+MAX_CONCURRENT_WAITS = 256
 QUEUE_FULL_RETRY_S = 1.0
 
 
@@ -143,7 +142,12 @@ def _add_webhook_url(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_nats(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tenant", default=jetstream.DEFAULT_TENANT, help="the jobs' tenant")
+    parser.add_argument(
+        "--tenant",
+        default="",
+        help="the jobs' tenant (default: the one --nats-creds names, else "
+        f"{jetstream.DEFAULT_TENANT})",
+    )
     parser.add_argument(
         "--nats-url",
         default=env_default("TWOLANE_NATS_URL", ""),
@@ -248,15 +252,32 @@ def nats_url(args: argparse.Namespace, command: str) -> str | None:
     return url or None
 
 
+def events_config(args: argparse.Namespace, url: str | None) -> dict[str, Any]:
+    """The client's NATS settings from the command line (no URL: it polls GetResult)."""
+    connect_s = min(args.timeout or NATS_CONNECT_TIMEOUT_S, NATS_CONNECT_TIMEOUT_S)
+    return {
+        "nats_url": url or "",
+        "nats_creds": args.nats_creds,
+        "data_dir": args.data_dir,
+        "tenant": args.tenant,
+        "nats_connect_timeout_s": connect_s,
+        "wait_on_events": url is not None,
+    }
+
+
 def watch_main(args: argparse.Namespace) -> int:
     url = nats_url(args, "watch")
     if url is None:
         return 2
     try:
-        event = asyncio.run(watch(url, args.tenant, args.job_id, args.timeout, args.nats_creds))
-    except (OSError, nats.errors.Error) as exc:
-        print(f"twolane watch: {exc}{_nats_hint(args)}", file=sys.stderr)
+        with Client(ClientConfig(**events_config(args, url))) as client:
+            event = client.watch(args.job_id, args.timeout)
+    except EventsUnreachable as exc:
+        print(f"twolane watch: {exc.message}{_nats_hint(args)}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as exc:  # the credentials file
+        print(f"twolane watch: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     if event is None:
@@ -270,38 +291,6 @@ def _nats_hint(args: argparse.Namespace) -> str:
     if args.nats_url:
         return ""
     return f" (the URL {args.data_dir}/nats.url names; is `twolane serve` running?)"
-
-
-async def watch(
-    url: str, tenant: str, job_id: str, timeout_s: float | None, creds: str = ""
-) -> jobs_pb2.JobEvent | None:
-    """The job's completion event: the stored one if it is out, else the next one.
-
-    Raises:
-        OSError: NATS cannot be reached (within `timeout_s`, at most NATS_CONNECT_TIMEOUT_S).
-    """
-    subject = jetstream.result_subject(tenant, job_id)
-    connect_s = min(timeout_s or NATS_CONNECT_TIMEOUT_S, NATS_CONNECT_TIMEOUT_S)
-    async with contextlib.AsyncExitStack() as stack:
-        nc = await connect(stack, url, "twolane-watch", creds, timeout_s=connect_s)
-        return await _wait_for_event(nc, subject, timeout_s)
-
-
-async def _wait_for_event(
-    nc: nats.aio.client.Client, subject: str, timeout_s: float | None
-) -> jobs_pb2.JobEvent | None:
-    # Subscribe before looking back, so an event published in between is not missed.
-    sub = await nc.subscribe(subject, max_msgs=1)
-    try:
-        stored = await nc.jetstream().get_last_msg(jetstream.RESULTS_STREAM, subject)
-        return jobs_pb2.JobEvent.FromString(stored.data)
-    except nats.js.errors.NotFoundError:
-        pass
-    try:
-        msg = await sub.next_msg(timeout=timeout_s or 365 * 24 * 3600.0)
-    except nats.errors.TimeoutError:
-        return None
-    return jobs_pb2.JobEvent.FromString(msg.data)
 
 
 # ---- batch --------------------------------------------------------------------------
@@ -336,15 +325,16 @@ def batch_main(args: argparse.Namespace) -> int:
     good = [line for line in lines if isinstance(line, GoodLine)]
     errors_path = args.errors or args.output.with_suffix(".errors.jsonl")
     try:
-        outcome = asyncio.run(run_batch(args, url, good))
-    except grpc.aio.AioRpcError as err:
-        print(describe_error(err), file=sys.stderr)
+        config = Connection.from_args(args).client_config(RPC_TIMEOUT_S, **events_config(args, url))
+        outcome = asyncio.run(run_batch(config, args, good))
+    except TwolaneError as error:
+        print(describe_error(error), file=sys.stderr)
         return 1
     except TimeoutError as exc:
         print(f"twolane batch: {exc}", file=sys.stderr)
         return 1
-    except (OSError, nats.errors.Error) as exc:
-        print(f"twolane batch: {exc}{_nats_hint(args)}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # TLS or credentials files
+        print(f"twolane batch: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -381,10 +371,6 @@ def idempotency_key(model: str, tier: str, line: GoodLine) -> str:
     return "batch-" + digest.hexdigest()[:32]
 
 
-POLL_FIRST_PAUSE_S = 0.2
-POLL_MAX_PAUSE_S = 2.0
-
-
 @dataclass
 class BatchOutcome:
     results: list[dict[str, Any]] = field(default_factory=list)  # the output file's lines
@@ -394,43 +380,22 @@ class BatchOutcome:
 
 
 async def run_batch(
-    args: argparse.Namespace, url: str | None, lines: list[GoodLine]
+    config: ClientConfig, args: argparse.Namespace, lines: list[GoodLine]
 ) -> BatchOutcome:
-    """Submit every line, wait for every job's completion event (or, without a NATS URL,
-    poll GetResult), and return the file lines."""
-    events: dict[str, jobs_pb2.JobEvent] = {}
-    arrived = asyncio.Event()
-
-    async def on_event(msg: nats.aio.msg.Msg) -> None:
-        event = jobs_pb2.JobEvent.FromString(msg.data)
-        if event.state in FINAL_STATES:
-            events[event.job_id] = event
-            arrived.set()
-
-    async with contextlib.AsyncExitStack() as stack:
-        nc = None
-        if url is not None:
-            nc = await connect(stack, url, "twolane-batch", args.nats_creds)
-            # Subscribed before submitting, so no event is missed.
-            await nc.subscribe(jetstream.result_subject(args.tenant, "*"), cb=on_event)
-        async with Connection.from_args(args).aio_channel() as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            stats = await stub.GetStats(inference_pb2.GetStatsRequest(), timeout=RPC_TIMEOUT_S)
-            outcome = BatchOutcome()
-            submitted = await _submit_all(
-                stub, stats.model_name, args.tier, lines, outcome, args.webhook_url
-            )
-            if nc is None:
-                await _poll_results(stub, args, submitted, events)
-        if nc is not None:
-            await _wait_for_events(nc, args, submitted, events, arrived)
+    """Submit every line, wait for every job (on its completion event, or by polling
+    GetResult without NATS: `AsyncClient.wait` does either), and return the file lines."""
+    async with AsyncClient(config) as client:
+        model = (await client.get_stats()).model_name
+        outcome = BatchOutcome()
+        submitted = await _submit_all(client, model, args.tier, lines, outcome, args.webhook_url)
+        results = await _wait_all(client, [job_id for _, job_id in submitted], args.timeout)
     for line, job_id in submitted:
-        outcome_line(outcome, line, events[job_id], stats.model_name)
+        outcome_line(outcome, line, results[job_id], model)
     return outcome
 
 
 async def _submit_all(
-    stub: inference_pb2_grpc.InferenceServiceStub,
+    client: AsyncClient,
     model: str,
     tier: str,
     lines: list[GoodLine],
@@ -450,15 +415,14 @@ async def _submit_all(
         async with limit:
             while True:
                 try:
-                    response = await stub.SubmitJob(request, timeout=RPC_TIMEOUT_S)
+                    response = await client.submit(request)
                     break
-                except grpc.aio.AioRpcError as err:
-                    if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        await asyncio.sleep(QUEUE_FULL_RETRY_S)  # the queue is full: wait
-                        continue
-                    if err.code() is not grpc.StatusCode.INVALID_ARGUMENT:
-                        raise
-                    refusal = describe_error(err).replace("\n", ";")
+                except RateLimited as error:
+                    # The queue (or the tenant's quota) stayed full through the client's
+                    # retries: a batch waits for room as long as it takes.
+                    await asyncio.sleep(error.retry_after_s or QUEUE_FULL_RETRY_S)
+                except InvalidArgument as error:
+                    refusal = describe_error(error).replace("\n", ";")
                     outcome.refused.append(
                         f"line {line.number} (custom_id {line.custom_id!r}): {refusal}"
                     )
@@ -468,7 +432,7 @@ async def _submit_all(
                             f"line-{line.number}",
                             400,
                             error_body(
-                                f"line {line.number}: {err.details()}", "invalid_request_error"
+                                f"line {line.number}: {error.message}", "invalid_request_error"
                             ),
                         )
                     )
@@ -480,98 +444,51 @@ async def _submit_all(
     return [pair for pair in submitted if pair is not None]
 
 
-async def _wait_for_events(
-    nc: nats.aio.client.Client,
-    args: argparse.Namespace,
-    submitted: list[tuple[GoodLine, str]],
-    events: dict[str, jobs_pb2.JobEvent],
-    arrived: asyncio.Event,
-) -> None:
-    """Until every job's event is in: those published before we subscribed (reused
-    jobs) are read from the results stream, the others arrive on the subscription."""
-    js = nc.jetstream()
-    for _, job_id in submitted:
-        if job_id in events:
-            continue
-        subject = jetstream.result_subject(args.tenant, job_id)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            stored = await js.get_last_msg(jetstream.RESULTS_STREAM, subject)
-            events.setdefault(job_id, jobs_pb2.JobEvent.FromString(stored.data))
-    job_ids = {job_id for _, job_id in submitted}
-    give_up_at = None if args.timeout is None else time.monotonic() + args.timeout
+async def _wait_all(
+    client: AsyncClient, job_ids: list[str], timeout_s: float | None
+) -> dict[str, jobs_pb2.GetResultResponse]:
+    """Every job's final result; TimeoutError when some had none after `timeout_s`."""
+    results: dict[str, jobs_pb2.GetResultResponse] = {}
+    give_up_at = None if timeout_s is None else time.monotonic() + timeout_s
+    # A bound on waits at once keeps the GetResult calls they make bounded too; jobs
+    # finish roughly in order, so a wait that starts late mostly finds its job done.
+    limit = asyncio.Semaphore(MAX_CONCURRENT_WAITS)
     with tqdm(total=len(job_ids), desc="jobs", unit="job") as progress:
-        while True:
-            arrived.clear()
-            done = len(job_ids & events.keys())
-            progress.update(done - progress.n)
-            if done == len(job_ids):
-                return
-            remaining_s = None if give_up_at is None else give_up_at - time.monotonic()
-            if remaining_s is not None and remaining_s <= 0:
-                raise TimeoutError(f"{len(job_ids) - done} jobs did not finish in {args.timeout} s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrived.wait(), remaining_s)
 
+        async def wait(job_id: str) -> None:
+            async with limit:
+                remaining_s = None if give_up_at is None else give_up_at - time.monotonic()
+                with contextlib.suppress(WaitTimeout):
+                    results[job_id] = await client.wait(job_id, remaining_s)
+                    progress.update(1)
 
-async def _poll_results(
-    stub: inference_pb2_grpc.InferenceServiceStub,
-    args: argparse.Namespace,
-    submitted: list[tuple[GoodLine, str]],
-    events: dict[str, jobs_pb2.JobEvent],
-) -> None:
-    """Without NATS: GetResult each unfinished job, pausing longer while none finishes."""
-    pending = {job_id for _, job_id in submitted}
-    give_up_at = None if args.timeout is None else time.monotonic() + args.timeout
-    pause_s = POLL_FIRST_PAUSE_S
-    with tqdm(total=len(pending), desc="jobs", unit="job") as progress:
-        while pending:
-            finished = 0
-            for job_id in sorted(pending):
-                reply = await stub.GetResult(
-                    jobs_pb2.GetResultRequest(job_id=job_id), timeout=RPC_TIMEOUT_S
-                )
-                if reply.state in FINAL_STATES:
-                    event = jobs_pb2.JobEvent(
-                        job_id=job_id,
-                        state=reply.state,
-                        error=reply.error,
-                        custom_id=reply.custom_id,
-                        finished_at=reply.finished_at,
-                    )
-                    if reply.HasField("result"):
-                        event.result.CopyFrom(reply.result)
-                    events[job_id] = event
-                    pending.discard(job_id)
-                    finished += 1
-            progress.update(finished)
-            if not pending:
-                return
-            if give_up_at is not None and time.monotonic() > give_up_at:
-                raise TimeoutError(f"{len(pending)} jobs did not finish in {args.timeout} s")
-            pause_s = POLL_FIRST_PAUSE_S if finished else min(2 * pause_s, POLL_MAX_PAUSE_S)
-            await asyncio.sleep(pause_s)
+        await asyncio.gather(*(wait(job_id) for job_id in dict.fromkeys(job_ids)))
+    num_unfinished = len(set(job_ids) - results.keys())
+    if num_unfinished:
+        raise TimeoutError(f"{num_unfinished} jobs did not finish in {timeout_s} s")
+    return results
 
 
 def outcome_line(
-    outcome: BatchOutcome, line: GoodLine, event: jobs_pb2.JobEvent, model: str
+    outcome: BatchOutcome, line: GoodLine, result: jobs_pb2.GetResultResponse, model: str
 ) -> None:
     """The job's line in the output file (or, when it did not succeed, the error file)."""
-    job_id = event.job_id
-    if event.state == jobs_pb2.JOB_STATE_SUCCEEDED and event.HasField("result"):
+    job_id = result.job_id
+    if result.state == jobs_pb2.JOB_STATE_SUCCEEDED and result.HasField("result"):
         reply = Reply(
             id=("chatcmpl-" if line.endpoint == CHAT_COMPLETIONS else "cmpl-") + job_id,
             endpoint=line.endpoint,
             model=model or "twolane",
-            created=int(event.finished_at.seconds or time.time()),
+            created=int(result.finished_at.seconds or time.time()),
             logprobs=line.request.params.logprobs,
             return_token_ids=line.return_token_ids,
         )
-        body = response_body(reply, [event.result], None)
+        body = response_body(reply, [result.result], None)
         outcome.results.append(batch_result_line(line.custom_id, job_id, body))
-    elif event.state == jobs_pb2.JOB_STATE_FAILED:
-        body = error_body(event.error or "the job failed", "server_error")
+    elif result.state == jobs_pb2.JOB_STATE_FAILED:
+        body = error_body(result.error or "the job failed", "server_error")
         outcome.errors.append(batch_refused_line(line.custom_id, job_id, 500, body))
     else:
-        state = jobs_pb2.JobState.Name(event.state).removeprefix("JOB_STATE_").lower()
-        message = event.error or f"the job was {state}"
+        state = jobs_pb2.JobState.Name(result.state).removeprefix("JOB_STATE_").lower()
+        message = result.error or f"the job was {state}"
         outcome.errors.append(batch_unrun_line(line.custom_id, job_id, f"job_{state}", message))

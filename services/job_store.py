@@ -429,8 +429,7 @@ class JobStore:
         stored = await self.read(job_id)
         if stored is None:
             # The first submitter has not written the record yet (or died before it
-            # did): write it from this identical request. Enqueueing twice is harmless,
-            # the ticket's Nats-Msg-Id is the job id.
+            # did): write it from this identical request.
             record = queued_record(job_id, tenant, request)
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await self.buckets.jobs.create(job_id, record.SerializeToString())
@@ -438,6 +437,12 @@ class JobStore:
             state = jobs_pb2.JOB_STATE_QUEUED
         else:
             state = stored.record.state
+            if state == jobs_pb2.JOB_STATE_QUEUED:
+                # The first submitter may have died between the record and the ticket:
+                # queue it again. Within the stream's duplicate window the ticket's
+                # Nats-Msg-Id (the job id) keeps it one message; after it, a second
+                # ticket is dropped by the worker's claim (one stream sequence runs).
+                await self._enqueue(stored.record)
         log.info("job deduplicated", job_id=job_id, tenant=tenant)
         return jobs_pb2.SubmitJobResponse(job_id=job_id, deduplicated=True, state=state)
 

@@ -19,6 +19,7 @@ from twolane.client import (
     AsyncClient,
     Client,
     ClientConfig,
+    EventsUnreachable,
     RateLimited,
     RetryEvent,
     RetryPolicy,
@@ -188,6 +189,38 @@ def test_wait_polls_with_backoff_when_nats_is_unreachable(
     assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED and done.HasField("created_at")
     checks = checks_of(proxy, job_id)
     assert len(checks) >= 2 and checks[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_watch_reads_the_event_of_a_finished_job_and_waits_for_a_queued_ones(
+    tenants: Tenants,
+) -> None:
+    with Client(tenants.config()) as client:
+        done = client.submit_and_wait("watched", max_tokens=4, ignore_eos=True, timeout_s=120)
+        stored = client.watch(done.job_id, 30)  # out already: read from the results stream
+        assert stored is not None and stored.job_id == done.job_id
+        assert list(stored.result.token_ids) == list(done.result.token_ids)
+        blocker = start_blocker(client)
+        queued = client.submit("queued", max_tokens=4, ignore_eos=True).job_id
+        assert client.watch(queued, 0.5) is None  # not done in time: no event yet
+        with ThreadPoolExecutor(1) as pool:
+            watching = pool.submit(client.watch, queued, 120)
+            assert client.cancel(blocker).state == jobs_pb2.JOB_STATE_CANCELLED
+            event = watching.result(timeout=120)
+    assert event is not None and event.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert event.tenant == "alpha" and len(event.result.token_ids) == 4
+
+
+async def test_the_asyncio_client_watches_and_says_when_nats_is_unreachable(
+    tenants: Tenants,
+) -> None:
+    async with AsyncClient(tenants.config()) as client:
+        done = await client.submit_and_wait("watched", max_tokens=4, timeout_s=120)
+        event = await client.watch(done.job_id, 30)
+        assert event is not None and event.state == done.state
+    unreachable = f"nats://127.0.0.1:{free_port()}"
+    async with AsyncClient(tenants.config(nats_url=unreachable)) as client:
+        with pytest.raises(EventsUnreachable, match=unreachable):
+            await client.watch(done.job_id, 5)
 
 
 async def test_the_asyncio_client_cancels_a_queued_job(tenants: Tenants) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -11,6 +12,9 @@ import pytest
 
 from twolane.models.builtin import builtin_model_dir
 from twolane.models.tokenizer import Tokenizer
+from twolane.services import jetstream
+from twolane.services.jetstream import DEFAULT_TENANT
+from twolane.services.job_store import queued_record
 from twolane.v1 import inference_pb2_grpc, job_record_pb2, jobs_pb2
 
 from .nats_fixtures import EventRecorder, NatsServer, job_request, wait_for_states
@@ -185,3 +189,26 @@ async def test_results_carry_custom_id_and_timestamps(
         result.finished_at.ToNanoseconds(),
     )
     assert 0 < created <= started <= finished
+
+
+async def test_a_retry_after_a_submitter_died_before_queueing_its_ticket_runs_the_job(
+    stub: inference_pb2_grpc.InferenceServiceStub, nats_server: NatsServer
+) -> None:
+    """A frontend (or gateway) killed inside SubmitJob, after the idempotency key and the
+    record were written but before the ticket was queued: the client's retry with the
+    same key must queue the job, not just return its id."""
+    request = job_request("orphaned before its ticket:", max_tokens=4, idempotency_key="k-died")
+    job_id = secrets.token_hex(16)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        key = jetstream.idempotency_key_hash(DEFAULT_TENANT, request.idempotency_key)
+        await (await js.key_value(jetstream.IDEMPOTENCY_BUCKET)).create(key, job_id.encode())
+        record = queued_record(job_id, DEFAULT_TENANT, request)
+        await (await js.key_value(jetstream.JOBS_BUCKET)).create(job_id, record.SerializeToString())
+    finally:
+        await nc.close()
+    retried = await stub.SubmitJob(request)
+    assert (retried.job_id, retried.deduplicated) == (job_id, True)
+    results = await wait_for_states(stub, [job_id], timeout_s=60)
+    assert results[job_id].state == jobs_pb2.JOB_STATE_SUCCEEDED

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from twolane.services.keys import KeysFile, Limits
 from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
 
 from .nats_fixtures import job_request, wait_for_states
-from .serving import ServerProcess, start_server
+from .serving import TWOLANE, ServerProcess, start_server
 
 SECRET_PROMPT = "the-zebra-sings-at-midnight-7731"
 
@@ -280,3 +281,44 @@ async def test_prompts_stay_out_of_the_logs_and_every_job_operation_is_audited(
     everything = tenants.server.log_text() + audit_path.read_text()
     assert SECRET_PROMPT not in everything
     assert all(key not in everything for key in tenants.keys.values())
+
+
+async def test_a_tenants_watch_and_batch_wait_on_its_events_with_its_own_nats_user(
+    tenants: Tenants, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    """`twolane watch` and `twolane batch` with a tenant's NATS credentials read its
+    stored events the way those credentials allow (direct get by subject)."""
+    user, password = nats_auth.tenant_credentials(tenants.data_dir, "beta")
+    creds = tmp_path / "beta.creds"
+    creds.write_text(f"{user}\n{password}\n")
+    nats_args = ("--nats-url", tenants.nats_url, "--nats-creds", str(creds))
+    grpc_args = ("--target", tenants.server.address, "--api-key", tenants.keys["beta"])
+
+    def twolane(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([TWOLANE, *args], capture_output=True, text=True, timeout=120)
+
+    submitted = twolane("submit", "watched", "--max-tokens", "3", *grpc_args)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    # Finished first, so that watch has to read the stored event.
+    await wait_for_states(stub, [job_id], metadata=as_tenant(tenants.keys["beta"]))
+    watched = twolane("watch", job_id, "--timeout", "30", *nats_args)
+    assert watched.returncode == 0, watched.stderr
+    assert json.loads(watched.stdout)["jobId"] == job_id
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"custom_id": f"c-{i}", "url": "/v1/completions", "body": body}) + "\n"
+            for i, body in enumerate([{"prompt": "one", "max_tokens": 3}] * 2)
+        )
+    )
+    output = tmp_path / "out.jsonl"
+    for _ in range(2):  # the second run finds every result stored
+        done = twolane(
+            "batch", str(source), "-o", str(output), "--timeout", "60", *grpc_args, *nats_args
+        )
+        assert done.returncode == 0, done.stderr
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        assert sorted(row["custom_id"] for row in rows) == ["c-0", "c-1"]
