@@ -54,16 +54,18 @@ lint: setup typecheck ## Run buf lint, buf format, ruff (lint and format check) 
 	$(BIN)/ruff format --check .
 
 # mypy reads the packages from a tree laid out as they are installed (twolane.client,
-# twolane.v1): the editable install maps those names with an import hook mypy cannot
-# follow.
+# twolane.services, ..., twolane.v1): the editable install maps those names with an
+# import hook mypy cannot follow. How strict each package is checked is set in
+# pyproject.toml ([tool.mypy]).
 MYPY_TREE := .mypy-tree
+MYPY_PACKAGES := client services scheduler models kernels bench
 
 .PHONY: typecheck
-typecheck: setup ## Type-check twolane.client (and the generated stubs it uses) with mypy
+typecheck: setup ## Type-check every package (and the generated stubs) with mypy
 	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)/twolane
-	ln -s $(CURDIR)/client $(MYPY_TREE)/twolane/client
+	for pkg in $(MYPY_PACKAGES); do ln -s $(CURDIR)/$$pkg $(MYPY_TREE)/twolane/$$pkg; done
 	ln -s $(CURDIR)/proto/twolane/v1 $(MYPY_TREE)/twolane/v1
-	MYPYPATH=$(MYPY_TREE) $(BIN)/mypy -p twolane.client
+	MYPYPATH=$(MYPY_TREE) $(BIN)/mypy $(foreach pkg,$(MYPY_PACKAGES) v1,-p twolane.$(pkg))
 
 PROTO_ROOT := proto
 PROTO_FILES := $(sort $(wildcard $(PROTO_ROOT)/twolane/v1/*.proto))

@@ -69,7 +69,11 @@ def _time_calls(calls: list[Callable[[], object]]) -> float:
 
 
 def measure(
-    ops: native.NativeOps, dtype: torch.dtype, batch: int, context: int, pool: tuple
+    ops: native.NativeOps,
+    dtype: torch.dtype,
+    batch: int,
+    context: int,
+    pool: tuple[torch.Tensor, torch.Tensor],
 ) -> Row:
     k_pool, v_pool = pool
     num_pool_blocks = k_pool.shape[0]

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -99,7 +100,7 @@ def simulate(
     rate_per_s: float | None,
     seed: int,
     run_batch: RunBatch,
-    progress: tqdm | None = None,
+    progress: tqdm[Any] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Serve `specs` one batch at a time on a virtual clock; returns records and duration."""
     num = len(specs)
@@ -208,7 +209,8 @@ def _fit_service_times(
         solution = torch.linalg.lstsq(
             torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
         ).solution
-        return solution[:, 0].tolist()
+        coefficients: list[float] = solution[:, 0].tolist()
+        return coefficients
 
     a, b = fit(ttft_x, ttft_y)
     c, d = fit(tpot_x, tpot_y)

@@ -7,6 +7,7 @@ import time
 
 import grpc
 import nats
+from nats.aio.msg import Msg
 from tqdm import tqdm
 
 from twolane.bench.workload import RequestSpec
@@ -35,7 +36,7 @@ async def _run(
     wanted: set[str] = set()
     progress = tqdm(total=len(specs), desc="batch lane", unit="job", leave=False)
 
-    async def on_event(msg: nats.aio.msg.Msg) -> None:
+    async def on_event(msg: Msg) -> None:
         event = jobs_pb2.JobEvent.FromString(msg.data)
         if event.custom_id.startswith("bench-") and event.job_id not in events:
             events[event.job_id] = event

@@ -10,8 +10,10 @@ has to load).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,18 +65,19 @@ class ModelShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: dict[str, object]) -> ModelShape:
-        hidden = int(config["hidden_size"])  # type: ignore[call-overload]
-        num_heads = int(config["num_attention_heads"])  # type: ignore[call-overload]
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
+        """From a transformers config.json (parsed JSON: numbers)."""
+        hidden = int(config["hidden_size"])
+        num_heads = int(config["num_attention_heads"])
         head_dim = config.get("head_dim") or hidden // num_heads
         return cls(
-            vocab_size=int(config["vocab_size"]),  # type: ignore[call-overload]
+            vocab_size=int(config["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),  # type: ignore[call-overload]
-            num_layers=int(config["num_hidden_layers"]),  # type: ignore[call-overload]
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
             num_heads=num_heads,
-            num_kv_heads=int(config["num_key_value_heads"]),  # type: ignore[call-overload]
-            head_dim=int(head_dim),  # type: ignore[call-overload]
+            num_kv_heads=int(config["num_key_value_heads"]),
+            head_dim=int(head_dim),
         )
 
     @property
@@ -118,7 +121,7 @@ def model_shape(name: str) -> ModelShape:
 
 
 def wide_model_dir(
-    seed: int = 0, name: str = WIDE_NAME, config: dict[str, int | float] = WIDE_CONFIG
+    seed: int = 0, name: str = WIDE_NAME, config: Mapping[str, int | float] = WIDE_CONFIG
 ) -> Path:
     """A random Llama's checkpoint (the wide one by default), written with transformers on
     first use."""
@@ -127,7 +130,9 @@ def wide_model_dir(
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
-        llama = LlamaConfig(**config, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
+        # LlamaConfig's keywords are typed one by one; `config` holds some of them.
+        shape: dict[str, Any] = dict(config)
+        llama = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
         model = LlamaForCausalLM(llama).float().eval()
         model.save_pretrained(model_dir, safe_serialization=True)
         shutil.copy(builtin_model_dir() / "tokenizer.json", model_dir / "tokenizer.json")

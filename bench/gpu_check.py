@@ -29,6 +29,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -217,7 +218,7 @@ def copy_bandwidth_bytes_per_s(num_bytes: int = 2**30) -> float:
 
     src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    seconds = do_bench(functools.partial(dst.copy_, src)) * 1e-3
+    seconds: float = do_bench(functools.partial(dst.copy_, src)) * 1e-3
     return 2 * num_bytes / seconds
 
 
@@ -288,7 +289,8 @@ def make_random_llama(model_dir: Path, device: str = "cuda", **overrides: int) -
 
     from twolane.models.builtin import builtin_model_dir
 
-    shape = {
+    # LlamaConfig's keywords are typed one by one; these are some of them.
+    shape: dict[str, Any] = {
         "vocab_size": 32000,
         "hidden_size": 2048,
         "intermediate_size": 8192,
@@ -301,7 +303,11 @@ def make_random_llama(model_dir: Path, device: str = "cuda", **overrides: int) -
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU takes seconds, not minutes
         model = LlamaForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
+    # transformers wraps PreTrainedModel.to with functools.wraps, which mypy types as
+    # an unbound function of the model.
+    model.to(torch.bfloat16).save_pretrained(  # type: ignore[arg-type]
+        model_dir, safe_serialization=True
+    )
     del model
     torch.cuda.empty_cache()
     # The engine reads tokenizer.json even when given token ids.

@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 import httpx
@@ -16,6 +17,9 @@ from tqdm import tqdm
 from twolane.bench.metrics import RequestRecord, summarize
 from twolane.bench.workload import RequestSpec, poisson_arrivals
 from twolane.v1 import generate_pb2, inference_pb2_grpc
+
+if TYPE_CHECKING:
+    from twolane.v1.inference_pb2_grpc import InferenceServiceAsyncStub
 
 # Enough for the longest request of a loaded 2-core machine; a stuck server fails the run.
 REQUEST_TIMEOUT_S = 1800.0
@@ -29,9 +33,7 @@ def stream_request(spec: RequestSpec) -> generate_pb2.GenerateStreamRequest:
     )
 
 
-async def _send(
-    stub: inference_pb2_grpc.InferenceServiceStub, spec: RequestSpec, record: RequestRecord
-) -> None:
+async def _send(stub: InferenceServiceAsyncStub, spec: RequestSpec, record: RequestRecord) -> None:
     try:
         call = stub.GenerateStream(stream_request(spec), timeout=REQUEST_TIMEOUT_S)
         async for chunk in call:

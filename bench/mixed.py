@@ -26,15 +26,17 @@ import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import nats
+from nats.aio.msg import Msg
 
 from twolane.bench.batch_lane import job_request
 from twolane.bench.checkpoints import model_dir
 from twolane.bench.interactive import run_interactive
 from twolane.bench.server import ServerSettings, start_server
-from twolane.bench.workload import LengthRange, random_workload
+from twolane.bench.workload import LengthRange, RequestSpec, random_workload
 from twolane.v1 import inference_pb2_grpc, jobs_pb2
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -122,7 +124,7 @@ async def _mixed_phase(
     rate: float,
     num_interactive: int,
     num_jobs: int,
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     watch = JobWatch()
     job_specs = random_workload(
         num_jobs, args.prompt_lens, args.output_lens, VOCAB_SIZE, args.seed + 7
@@ -130,7 +132,7 @@ async def _mixed_phase(
     nc = await nats.connect(nats_url)
     try:
 
-        async def on_event(msg: nats.aio.msg.Msg) -> None:
+        async def on_event(msg: Msg) -> None:
             watch.on_event(jobs_pb2.JobEvent.FromString(msg.data))
 
         await nc.subscribe("twolane.results.>", cb=on_event)
@@ -194,11 +196,11 @@ async def _mixed_phase(
     return interactive, batch
 
 
-def _interactive_specs(args: argparse.Namespace, num: int) -> list:
+def _interactive_specs(args: argparse.Namespace, num: int) -> list[RequestSpec]:
     return random_workload(num, args.prompt_lens, args.output_lens, VOCAB_SIZE, args.seed)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         args.num_jobs, args.window_s = min(args.num_jobs, 60), min(args.window_s, 4.0)
     settings = ServerSettings(
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
                 client, server.address, server.nats_url, args, rate, num_interactive, num_jobs
             )
         )
-    spare_tok_s = capacity_tok_s - float(mixed["output_tokens_per_s"])  # type: ignore[arg-type]
+    spare_tok_s = capacity_tok_s - float(mixed["output_tokens_per_s"])
     ttft_alone, ttft_mixed = alone["ttft_s"], mixed["ttft_s"]
     return {
         "date": dt.date.today().isoformat(),
@@ -272,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def table(report: dict) -> str:
+def table(report: dict[str, Any]) -> str:
     alone, mixed, batch = report["alone"], report["mixed"], report["batch"]
 
     def ms(v: float) -> str:

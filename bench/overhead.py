@@ -30,6 +30,7 @@ import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -193,7 +194,7 @@ def _num_blocks(batch: int, context: int, steps: int) -> int:
     return batch * -(-(context + 3 * steps + 64) // 16) + 8
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         args.steps = min(args.steps, 6)
     checkpoint = str(model_dir(args.model))
@@ -223,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def table(report: dict) -> str:
+def table(report: dict[str, Any]) -> str:
     bare, served = report["bare"], report["served"]
 
     def ms(seconds: float) -> str:

@@ -24,6 +24,7 @@ import torch
 
 from twolane.bench.checkpoints import model_dir
 from twolane.models import runner as runner_module
+from twolane.models import sampling
 from twolane.scheduler.config import EngineConfig
 from twolane.scheduler.engine import EngineCore
 from twolane.scheduler.protocol import AddRequest
@@ -60,7 +61,8 @@ class PartTimer:
             (model, "compute_logits", model.compute_logits),
             (engine, "_process_samples", engine._process_samples),
             (engine.block_manager, "commit_full_blocks", engine.block_manager.commit_full_blocks),
-            (runner_module, "sample", runner_module.sample),
+            # Patched where the runner looks it up: its module's global `sample`.
+            (runner_module, "sample", sampling.sample),
             (runner.backend, "forward", runner.backend.forward),
         ]
         names = {

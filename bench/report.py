@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 SYSTEMS = (
     ("twolane", "twolane (GenerateStream)"),
@@ -13,7 +14,7 @@ SYSTEMS = (
 )
 
 
-def ratios(run: dict) -> dict[str, float]:
+def ratios(run: dict[str, Any]) -> dict[str, float]:
     """twolane over each baseline: output tokens/s and request throughput."""
     out: dict[str, float] = {}
     ours = run.get("twolane")
@@ -52,7 +53,7 @@ def _pcts(dist: dict[str, float], scale_s: bool = False) -> str:
     return " / ".join(_ms(dist[p]) for p in ("p50", "p90", "p99"))
 
 
-def rows_table(runs: list[dict]) -> str:
+def rows_table(runs: list[dict[str, Any]]) -> str:
     """Runs measured at a few concurrencies, twolane only (the SmolLM2 rows)."""
     runs = [r for r in runs if "rows" in r]
     if not runs:
@@ -74,7 +75,7 @@ def rows_table(runs: list[dict]) -> str:
     return "\n".join([*lines, ""])
 
 
-def _floor_note(dtype: str, roof: dict) -> str:
+def _floor_note(dtype: str, roof: dict[str, Any]) -> str:
     compute = roof.get("compute_dtype", dtype)
     rate = f"{roof['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s {compute}"
     if compute != dtype:
@@ -87,7 +88,7 @@ def _floor_note(dtype: str, roof: dict) -> str:
     )
 
 
-def run_table(run: dict) -> str:
+def run_table(run: dict[str, Any]) -> str:
     if "rows" in run:
         return ""
     if "error" in run:
@@ -146,7 +147,7 @@ def run_table(run: dict) -> str:
     return "\n".join(lines)
 
 
-def tables(result: dict) -> str:
+def tables(result: dict[str, Any]) -> str:
     head = f"## twolane bench, {result['date']}\n\n`{result['command']}`\n"
     wall = result.get("wall_s")
     if wall is not None:
@@ -155,7 +156,7 @@ def tables(result: dict) -> str:
     return head + "\n" + body + "\n" + rows_table(result["runs"])
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict[str, Any], path: Path) -> None:
     """Throughput, TTFT and decode-roofline panels, one group of bars per model and dtype."""
     import matplotlib
 

@@ -8,6 +8,7 @@ compute floor is its FLOPs over the matmul rate.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -48,7 +49,7 @@ def measure_matmul_rate(shape: ModelShape, dtype: str) -> float:
     for k, n in ((h, 2 * inter), (inter, h), (h, qkv)):
         a = torch.randn(rows, k).to(torch_dtype)
         w = torch.randn(n, k).to(torch_dtype)
-        seconds = _best_time(lambda a=a, w=w: torch.nn.functional.linear(a, w))
+        seconds = _best_time(functools.partial(torch.nn.functional.linear, a, w))
         best = max(best, 2 * rows * k * n / seconds)
     return best
 

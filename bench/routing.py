@@ -37,6 +37,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -44,6 +45,9 @@ from twolane.bench.metrics import percentile
 from twolane.bench.server import Server, start_twolane
 from twolane.services.nats_embedded import EmbeddedNats
 from twolane.v1 import generate_pb2, inference_pb2_grpc
+
+if TYPE_CHECKING:
+    from twolane.v1.inference_pb2_grpc import InferenceServiceAsyncStub
 
 RESULTS_DIR = Path(__file__).parent / "results"
 TOKEN_ID_RANGE = 256  # ids every built-in and bench checkpoint accepts
@@ -102,7 +106,7 @@ class RunResult:
 
 
 async def run_conversation(
-    stub: inference_pb2_grpc.InferenceServiceStub,
+    stub: InferenceServiceAsyncStub,
     workload: Workload,
     system: list[int],
     user_turns: list[list[int]],
@@ -254,7 +258,8 @@ class Fleet:
     def scrape(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
-            return reply.read().decode()
+            text: str = reply.read().decode()
+        return text
 
     async def wait_serving(self, num_workers: int) -> None:
         give_up_s = time.monotonic() + WORKER_WAIT_S

@@ -28,12 +28,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
 from standardwebhooks import Webhook
 
 from twolane.v1 import generate_pb2, inference_pb2_grpc, jobs_pb2
+
+if TYPE_CHECKING:
+    from twolane.v1.inference_pb2_grpc import InferenceServiceAsyncStub
 
 TWOLANE = str(Path(sys.executable).with_name("twolane"))
 
@@ -97,7 +101,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
 
 
 async def submit_all(
-    stub: inference_pb2_grpc.InferenceServiceStub, url: str, count: int, prefix: str
+    stub: InferenceServiceAsyncStub, url: str, count: int, prefix: str
 ) -> list[str]:
     limit = asyncio.Semaphore(32)
 

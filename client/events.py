@@ -85,7 +85,8 @@ class JobEvents:
             subscription = EventSubscription(sub)
             try:
                 stored = await nc.jetstream().get_last_msg(RESULTS_STREAM, subject, direct=True)
-                return jobs_pb2.JobEvent.FromString(stored.data)
+                # nats-py gives an empty payload as None.
+                return jobs_pb2.JobEvent.FromString(stored.data or b"")
             except nats.js.errors.NotFoundError:
                 pass
             try:

@@ -169,8 +169,9 @@ class TritonAttentionBackend:
                 scale,
                 max_seq_len=meta.max_seq_len,
             )
-        if self._can_use_flash_attn(query, meta):
-            return self._flash_attn_varlen(
+        flash_attn_varlen = self._flash_attn_varlen
+        if flash_attn_varlen is not None and self._can_use_flash_attn(query, meta):
+            return flash_attn_varlen(
                 query,
                 key,
                 value,
@@ -290,4 +291,5 @@ def _load_flash_attn() -> Callable[..., torch.Tensor] | None:
         from flash_attn import flash_attn_varlen_func
     except (ImportError, OSError):
         return None
-    return flash_attn_varlen_func
+    varlen: Callable[..., torch.Tensor] = flash_attn_varlen_func
+    return varlen

@@ -99,8 +99,8 @@ def build(isa: str) -> Path:
         }
     )
     command = dist.get_command_obj("build_ext")
-    command.build_lib = str(path.parent)  # type: ignore[attr-defined]
-    command.build_temp = str(path.parent / "build")  # type: ignore[attr-defined]
+    command.build_lib = str(path.parent)
+    command.build_temp = str(path.parent / "build")
     # The ninja that pip installed sits beside this interpreter, maybe not on PATH.
     bin_dir = str(Path(sys.executable).parent)
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])

@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -87,27 +88,28 @@ def cached_checkpoint(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
-def write_checkpoint(model_dir: Path, config: dict[str, object], seed: int) -> None:
+def write_checkpoint(model_dir: Path, config: Mapping[str, Any], seed: int) -> None:
     """Write config.json and seeded random weights in Hugging Face Llama naming."""
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     save_file(random_llama_weights(config, seed), str(model_dir / "model.safetensors"))
 
 
-def random_llama_weights(config: dict[str, object], seed: int) -> dict[str, torch.Tensor]:
+def random_llama_weights(config: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Weights for a transformers Llama config (parsed JSON: numbers)."""
     gen = torch.Generator().manual_seed(seed)
-    hidden = int(config["hidden_size"])  # type: ignore[arg-type]
-    inter = int(config["intermediate_size"])  # type: ignore[arg-type]
-    vocab = int(config["vocab_size"])  # type: ignore[arg-type]
-    num_heads = int(config["num_attention_heads"])  # type: ignore[arg-type]
-    num_kv_heads = int(config["num_key_value_heads"])  # type: ignore[arg-type]
-    head_dim = int(config.get("head_dim") or hidden // num_heads)  # type: ignore[arg-type]
+    hidden = int(config["hidden_size"])
+    inter = int(config["intermediate_size"])
+    vocab = int(config["vocab_size"])
+    num_heads = int(config["num_attention_heads"])
+    num_kv_heads = int(config["num_key_value_heads"])
+    head_dim = int(config.get("head_dim") or hidden // num_heads)
 
     def normal(*shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * std
 
     weights = {"model.embed_tokens.weight": normal(vocab, hidden, std=1.0)}
-    for i in range(int(config["num_hidden_layers"])):  # type: ignore[arg-type]
+    for i in range(int(config["num_hidden_layers"])):
         p = f"model.layers.{i}."
         weights[p + "self_attn.q_proj.weight"] = normal(num_heads * head_dim, hidden, std=0.08)
         weights[p + "self_attn.k_proj.weight"] = normal(num_kv_heads * head_dim, hidden, std=0.08)

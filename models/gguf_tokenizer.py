@@ -117,18 +117,21 @@ def _add_special_tokens(tok: HFTokenizer, tokens: Sequence[str], types: Sequence
 def _post_processor(
     metadata: Mapping[str, Any], tokens: Sequence[str]
 ) -> processors.PostProcessor | None:
-    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
-    eos_id = metadata.get("tokenizer.ggml.eos_token_id")
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False)) and bos_id is not None
-    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos_id is not None
-    if not (add_bos or add_eos):
+    # The ids of the tokens to add (None: not added).
+    bos_id: int | None = metadata.get("tokenizer.ggml.bos_token_id")
+    eos_id: int | None = metadata.get("tokenizer.ggml.eos_token_id")
+    if not metadata.get("tokenizer.ggml.add_bos_token", False):
+        bos_id = None
+    if not metadata.get("tokenizer.ggml.add_eos_token", False):
+        eos_id = None
+    if bos_id is None and eos_id is None:
         return None
     specials: list[tuple[str, int]] = []
     single = "$A"
-    if add_bos:
+    if bos_id is not None:
         specials.append((tokens[bos_id], bos_id))
         single = f"{tokens[bos_id]} {single}"
-    if add_eos:
+    if eos_id is not None:
         specials.append((tokens[eos_id], eos_id))
         single = f"{single} {tokens[eos_id]}"
     return processors.TemplateProcessing(single=single, special_tokens=specials)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class RotaryEmbedding(nn.Module):
+    cos: torch.Tensor  # buffers, [max_positions, head_dim]
+    sin: torch.Tensor
+
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None
     ):
@@ -117,7 +121,8 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rope, q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        projected: torch.Tensor = self.o_proj(out.reshape(num_tokens, self.q_size))
+        return projected
 
 
 class MLP(nn.Module):
@@ -129,7 +134,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        down: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return down
 
 
 class DecoderLayer(nn.Module):
@@ -154,7 +160,8 @@ class DecoderLayer(nn.Module):
         )
         if hook is not None:
             hook.safe_point()
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        out: torch.Tensor = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return out
 
 
 class LlamaForCausalLM(nn.Module):
@@ -181,8 +188,8 @@ class LlamaForCausalLM(nn.Module):
         hook: ForwardHook | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         """Run the decoder; `hook`, if given, is called at its safe points (ForwardHook)."""
-        hidden = self.embed_tokens(input_ids)
-        rope = self.layers[0].self_attn.rotary.tables(positions, hidden.dtype)
+        hidden: torch.Tensor = self.embed_tokens(input_ids)
+        rope = self.first_layer.self_attn.rotary.tables(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(rope, hidden, kv_cache, meta, backend, hook)
             if hook is not None:
@@ -191,7 +198,13 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in fp32 for the rows that sample a token."""
-        return self.lm_head(self.norm(hidden)).float()
+        logits: torch.Tensor = self.lm_head(self.norm(hidden)).float()
+        return logits
+
+    @property
+    def first_layer(self) -> DecoderLayer:
+        """The first decoder layer, typed (an nn.ModuleList holds Modules)."""
+        return cast(DecoderLayer, self.layers[0])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face named tensors into this module, fusing q/k/v and gate/up.
@@ -204,7 +217,7 @@ class LlamaForCausalLM(nn.Module):
         for hf_name, tensor in weights:
             if "rotary_emb.inv_freq" in hf_name:
                 continue
-            target, shard = _map_hf_name(hf_name, self.layers[0])
+            target, shard = _map_hf_name(hf_name, self.first_layer)
             if target == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             if target not in params:
@@ -251,7 +264,7 @@ def _expected_fills(model: LlamaForCausalLM) -> set[str]:
     for pname, _ in model.named_parameters():
         if pname == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+        attn, mlp = model.first_layer.self_attn, model.first_layer.mlp
         if ".qkv_proj." in pname:
             for shard in (
                 (0, attn.q_size),

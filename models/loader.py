@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
 
 from twolane.models.config import ModelConfig
 from twolane.models.errors import CheckpointError, CheckpointFileMissingError
-from twolane.models.llama import LlamaForCausalLM, RotaryEmbedding
+from twolane.models.llama import DecoderLayer, LlamaForCausalLM, RotaryEmbedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A safetensors file starts with the byte length of its JSON header (little-endian u64).
@@ -154,7 +155,7 @@ def load_model(
     # in fp32: positions past a few hundred lose precision in bf16.
     rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
     rotary = rotary.to(device)
-    for layer in model.layers:
+    for layer in cast(Iterable[DecoderLayer], model.layers):
         layer.self_attn.rotary = rotary
     model.eval()
     return model, config

@@ -15,6 +15,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import structlog
 import zmq
@@ -283,7 +284,11 @@ class EngineClient:
         for pending replies again after a send has consumed one."""
         if self._dealer is None or self._closed:
             return False
-        sent = self._dealer.send(command_encoder.encode(command), zmq.NOBLOCK)
+        # An asyncio socket's send returns a Future; pyzmq annotates it as an Awaitable.
+        sent = cast(
+            "asyncio.Future[zmq.MessageTracker | None]",
+            self._dealer.send(command_encoder.encode(command), zmq.NOBLOCK),
+        )
         if not sent.done():  # cannot happen with NOBLOCK; never leave a send unobserved
             sent.add_done_callback(lambda f: f.exception())
             return True

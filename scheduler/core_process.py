@@ -18,6 +18,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import structlog
 import zmq
@@ -151,7 +152,8 @@ class EngineCoreProc:
 
     def safe_point(self) -> None:
         """Inside a step's forward pass: take new commands and start new interactive work."""
-        if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        events = cast(int, self._router.getsockopt(zmq.EVENTS))  # an int option
+        if not events & zmq.POLLIN:
             return
         self._drain_commands()
         self._run_urgent_step()

@@ -11,7 +11,7 @@ reach the scrape through Prometheus' multiprocess files (see services/metrics_ht
 from __future__ import annotations
 
 from collections.abc import Sequence as Labels
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -22,7 +22,7 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 _PHASE_BUCKETS_S = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3)
 # One engine core per process tree: with Prometheus' multiprocess mode (several
 # processes, one scrape), a live gauge is the sum over the live processes.
-_GAUGE_MODE = "livesum"
+_GAUGE_MODE: Final = "livesum"
 
 
 def lane_of(seq: Sequence) -> str:
@@ -54,7 +54,9 @@ class EngineMetrics:
         self.registry = CollectorRegistry()
         self.model_name = model_name
 
-        def histogram(name: str, doc: str, labels: Labels[str], buckets: tuple) -> ModelLabeled:
+        def histogram(
+            name: str, doc: str, labels: Labels[str], buckets: tuple[float, ...]
+        ) -> ModelLabeled:
             metric = Histogram(
                 name, doc, [*labels, "model_name"], buckets=buckets, registry=self.registry
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 import structlog
@@ -24,6 +24,14 @@ OPEN_SERVICES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
+_TRequest = TypeVar("_TRequest")
+_TResponse = TypeVar("_TResponse")
+
+# What an asyncio server's method handler holds: coroutine functions of an aio context.
+# The grpc stubs type RpcMethodHandler's callables for the threaded server.
+_AioUnary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_AioUnaryStream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 _PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "twolane_principal", default=ANONYMOUS
@@ -56,28 +64,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails],
+            Awaitable[grpc.RpcMethodHandler[_TRequest, _TResponse] | None],
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[_TRequest, _TResponse] | None:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method  # type: ignore[attr-defined]
+        method = handler_call_details.method
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
-        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        metadata = handler_call_details.invocation_metadata
         principal = self._keys.authenticate(bearer_token(metadata))
         return _with_principal(handler, principal)
 
 
-def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal | None) -> Any:
+def _with_principal(
+    handler: grpc.RpcMethodHandler[Any, Any], principal: Principal | None
+) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler, run as `principal`, or refusing every call when it is None."""
 
     def enter() -> None:
         enter_principal(principal or ANONYMOUS)
 
     if handler.unary_unary is not None:
-        inner = handler.unary_unary
+        inner = cast(_AioUnary, handler.unary_unary)
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if principal is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
             enter()
@@ -87,9 +100,11 @@ def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal | None)
             unary, handler.request_deserializer, handler.response_serializer
         )
     if handler.unary_stream is not None:
-        inner_stream = handler.unary_stream
+        inner_stream = cast(_AioUnaryStream, handler.unary_stream)
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             if principal is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
             enter()

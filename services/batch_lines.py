@@ -88,16 +88,17 @@ def parse_lines(
         line = parse_line(
             raw, number, endpoint, served_model, default_max_tokens, default_chat_max_tokens, flat
         )
-        if line.custom_id is not None:
-            if line.custom_id in first_seen:
-                where = first_seen[line.custom_id]
+        custom_id = line.custom_id
+        if custom_id is not None:
+            if custom_id in first_seen:
+                where = first_seen[custom_id]
                 line = BadLine(
                     number,
-                    line.custom_id,
+                    custom_id,
                     (FieldViolation("custom_id", f"repeats the one on line {where}"),),
                 )
             else:
-                first_seen[line.custom_id] = number
+                first_seen[custom_id] = number
         lines.append(line)
     return lines
 

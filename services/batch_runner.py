@@ -507,7 +507,12 @@ class _Drive:
             outcome = "expired"
         else:
             outcome = "completed"
-            await self._update(lambda record: record.set_status("finalizing") or True)
+
+            def finalizing(record: BatchRecord) -> bool:
+                record.set_status("finalizing")
+                return True
+
+            await self._update(finalizing)
         outputs, errors, usage = await self._write_lines(outcome)
         output_id = await self._write_file("output", outputs)
         error_id = await self._write_file("error", errors)

@@ -12,6 +12,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import structlog
@@ -48,7 +49,7 @@ def begin_request(given: str | None) -> str:
     return request_id
 
 
-def open_rpc(method: str, context: grpc.aio.ServicerContext) -> tuple[str, Span]:
+def open_rpc(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, Span]:
     """Start one RPC: its request id (bound into log lines and the trailing metadata) and
     its server span, started but not made current: see `rpc_scope` and `stream_step`."""
     metadata = context.invocation_metadata()
@@ -65,7 +66,7 @@ def open_rpc(method: str, context: grpc.aio.ServicerContext) -> tuple[str, Span]
 
 
 @contextmanager
-def rpc_scope(method: str, context: grpc.aio.ServicerContext) -> Iterator[str]:
+def rpc_scope(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[str]:
     """Around one unary RPC: its request id (yielded), its span made current, log fields."""
     request_id, span = open_rpc(method, context)
     try:

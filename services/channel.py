@@ -103,8 +103,8 @@ def _read(path: str) -> bytes | None:
 
 
 class _Metadata(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
 ):
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
@@ -128,7 +128,7 @@ class _AioMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamCli
 
 
 @dataclass(frozen=True)
-class _ClientCallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+class _ClientCallDetails(grpc.ClientCallDetails):
     method: str
     timeout: float | None
     metadata: Any

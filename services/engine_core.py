@@ -20,7 +20,7 @@ from twolane.services.process import keep_freed_memory, settle_heap, signal_read
 log = structlog.get_logger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "engine-core",
         help="(started by serve) the scheduler, KV cache and model in a process of their own",

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -85,7 +86,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def Generate(
-        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generate_pb2.GenerateResponse:
         arrival_s = time.monotonic()
         request_id, outputs = self._submit(request, context, stream=False)
@@ -94,7 +95,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def GenerateStream(
-        self, request: generate_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
+        self,
+        request: generate_pb2.GenerateStreamRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         arrival_s = time.monotonic()
         request_id, outputs = self._submit(request, context)
@@ -103,7 +106,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def GetStats(
-        self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.GetStatsResponse:
         assert self._engine.info is not None
         reply = convert.stats_response(
@@ -116,7 +119,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def SubmitJob(
-        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> jobs_pb2.SubmitJobResponse:
         principal = current_principal()
         jobs = self._require_jobs()
@@ -135,7 +138,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def GetResult(
-        self, request: jobs_pb2.GetResultRequest, context: grpc.aio.ServicerContext
+        self, request: jobs_pb2.GetResultRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> jobs_pb2.GetResultResponse:
         principal = current_principal()
         try:
@@ -148,7 +151,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def CancelJob(
-        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> jobs_pb2.CancelJobResponse:
         principal = current_principal()
         try:
@@ -172,7 +175,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return self._jobs
 
     def _submit(
-        self, request: GenerateMessage, context: grpc.aio.ServicerContext, stream: bool = True
+        self,
+        request: GenerateMessage,
+        context: grpc.aio.ServicerContext[Any, Any],
+        stream: bool = True,
     ) -> tuple[str, AsyncIterator[RequestOutput]]:
         """Validate, count against the tenant's quotas and enqueue; returns the request id
         and its updates."""
@@ -231,7 +237,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             reservation.settle(used)
 
 
-def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
+def _deadline_s(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     """The RPC's deadline on the engine's clock (time.monotonic), if it has one."""
     remaining_s = context.time_remaining()
     # Without a deadline gRPC reports None or an effectively infinite time.
@@ -243,7 +249,7 @@ def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
 # ---- the process ------------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "frontend",
         help="(started by serve) the gRPC API over a running engine core",

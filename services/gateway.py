@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -62,7 +63,7 @@ _NO_DEADLINE_S = 365 * 24 * 3600.0
 _NEEDS_NATS = "needs --nats-url (env TWOLANE_NATS_URL): the gateway and its workers share one NATS"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gateway = subparsers.add_parser(
         "gateway",
         help="serve the public API; forward generation to workers, jobs to NATS",
@@ -277,7 +278,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def Generate(
-        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generate_pb2.GenerateResponse:
         order, route = self._route(request)
         for n, worker in enumerate(order):
@@ -299,7 +300,9 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def GenerateStream(
-        self, request: generate_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
+        self,
+        request: generate_pb2.GenerateStreamRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         order, route = self._route(request)
         for n, worker in enumerate(order):
@@ -327,7 +330,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def GetStats(
-        self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.GetStatsResponse:
         """Every reachable worker's counters, summed; the prefix cache hit rate is their
         mean (the workers do not report how many tokens each rate covers)."""
@@ -345,10 +348,10 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         stats = [r for r in replies if isinstance(r, inference_pb2.GetStatsResponse)]
         if not stats:
-            for reply in replies:
-                if isinstance(reply, grpc.aio.AioRpcError):
-                    await _relay(context, reply)
-                raise reply
+            for error in (r for r in replies if isinstance(r, BaseException)):
+                if isinstance(error, grpc.aio.AioRpcError):
+                    await _relay(context, error)
+                raise error
         total = inference_pb2.GetStatsResponse(model_name=stats[0].model_name)
         summed = (
             "num_running",
@@ -375,24 +378,24 @@ class GatewayServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @grpc_errors
     async def SubmitJob(
-        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> jobs_pb2.SubmitJobResponse:
         return await self._jobs.submit_job(request, current_principal().tenant)
 
     @grpc_errors
     async def GetResult(
-        self, request: jobs_pb2.GetResultRequest, context: grpc.aio.ServicerContext
+        self, request: jobs_pb2.GetResultRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> jobs_pb2.GetResultResponse:
         return await self._jobs.get_result(request, current_principal().tenant)
 
     @grpc_errors
     async def CancelJob(
-        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> jobs_pb2.CancelJobResponse:
         return await self._jobs.cancel_job(request, current_principal().tenant)
 
 
-async def _relay(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
+async def _relay(context: grpc.aio.ServicerContext[Any, Any], err: grpc.aio.AioRpcError) -> None:
     """The worker's status, message and error details, unchanged, to the client."""
     trailers = tuple(
         (key, value)
@@ -409,7 +412,7 @@ def _predicted(route: Route, worker: Worker) -> int:
     )
 
 
-def _forwarded(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+def _forwarded(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str], ...]:
     """What the worker gets of the call: the caller's key (it checks the same keys), the
     request id, and the trace context with the gateway's span as the parent."""
     key = tuple(
@@ -420,7 +423,7 @@ def _forwarded(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]
     return (*key, (REQUEST_ID_KEY, current_request_id()), *tracing.inject().items())
 
 
-def _timeout_s(context: grpc.aio.ServicerContext) -> float | None:
+def _timeout_s(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     remaining_s = context.time_remaining()
     if remaining_s is None or remaining_s > _NO_DEADLINE_S:
         return None

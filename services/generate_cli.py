@@ -15,7 +15,7 @@ from twolane.services.channel import Connection, add_connection_args
 CHAT_HELP = "a conversation: type a message, Enter sends it; /reset starts over, Ctrl-D quits"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     generate = subparsers.add_parser(
         "generate",
         help="generate a completion on a running server",

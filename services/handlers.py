@@ -11,7 +11,7 @@ answers it with INVALID_ARGUMENT and a plain message.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +25,8 @@ from twolane.v1 import inference_pb2
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
 
-UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Any, None]]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def add_servicer_to_server(
     service: descriptor.ServiceDescriptor = INFERENCE_SERVICE,
 ) -> None:
     """Serve `servicer`'s methods of `service`, as the generated function would."""
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         if method.client_streaming:
             raise ValueError(f"{method.full_name}: client streaming is not supported here")
@@ -87,7 +87,7 @@ def _decoder(message_type: type[Message]) -> Callable[[bytes], Message | Undecod
 
 
 def _unary(behavior: UnaryBehavior) -> UnaryBehavior:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, Undecodable):
             await context.abort_with_status(to_status(request.error))
         return await behavior(request, context)
@@ -96,7 +96,9 @@ def _unary(behavior: UnaryBehavior) -> UnaryBehavior:
 
 
 def _streaming(behavior: StreamBehavior) -> StreamBehavior:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def handle(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncGenerator[Any, None]:
         if isinstance(request, Undecodable):
             await context.abort_with_status(to_status(request.error))
         # Closed with this generator, so a client that leaves early aborts its request now.

@@ -13,13 +13,12 @@ from typing import Any
 import grpc
 import structlog
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from twolane.scheduler.errors import InvalidRequestError
 from twolane.services.errors import InvalidArgumentError, NotFoundError, ServiceError
 from twolane.services.openai_format import error_body
 from twolane.services.openai_schema import openai_field
-from twolane.services.status import to_status
+from twolane.services.status import STATUS_DETAILS_KEY, to_status
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +76,7 @@ def retry_after_s(status: grpc.Status) -> int | None:
     """Whole seconds from the status's google.rpc.RetryInfo (a quota's or a full queue's
     wait, the same that gRPC callers get), rounded up; None if it has none."""
     for key, value in status.trailing_metadata or ():
-        if key != rpc_status.GRPC_DETAILS_METADATA_KEY:
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
         for detail in status_pb2.Status.FromString(value).details:
             info = error_details_pb2.RetryInfo()

@@ -55,7 +55,7 @@ log = structlog.get_logger(__name__)
 LISTEN_BACKLOG = 2048
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "http",
         help="(started by serve) the OpenAI-compatible HTTP API over a running engine core",
@@ -214,7 +214,8 @@ async def start_http_server(
             lifespan="off",
             server_header=False,
             backlog=LISTEN_BACKLOG,
-            timeout_graceful_shutdown=config.listen.grace_period_s,
+            # Annotated int, but only ever an asyncio.wait_for timeout (float seconds).
+            timeout_graceful_shutdown=config.listen.grace_period_s,  # type: ignore[arg-type]
             **tls,  # type: ignore[arg-type]
         )
     )

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import time
+from typing import Final
 
 import structlog
 from nats.js import JetStreamContext
@@ -25,7 +26,7 @@ log = structlog.get_logger(__name__)
 
 POLL_INTERVAL_S = 2.0
 _JOB_BUCKETS_S = (*LATENCY_BUCKETS_S, 900, 3600, 4 * 3600, 24 * 3600)
-_MODE = "mostrecent"  # one job runner's poll speaks for the whole stream
+_MODE: Final = "mostrecent"  # one job runner's poll speaks for the whole stream
 
 PENDING = Gauge(
     "twolane_jobs_pending",
@@ -114,8 +115,9 @@ class JobMetrics:
         for info in await self._js.consumers_info(jetstream.JOBS_STREAM):
             lane = jetstream.lane_of_consumer(info.name)
             if lane is not None:
-                pending[lane[0]] += info.num_pending
-                ack_pending[lane[0]] += info.num_ack_pending
+                # Optional in nats-py's ConsumerInfo; the server always sends them.
+                pending[lane[0]] += info.num_pending or 0
+                ack_pending[lane[0]] += info.num_ack_pending or 0
         for tier in jetstream.TIERS:
             PENDING.labels(tier, self.model_name).set(pending[tier])
             ACK_PENDING.labels(tier, self.model_name).set(ack_pending[tier])

@@ -27,7 +27,7 @@ from twolane.services.validation import ModelLimits
 log = structlog.get_logger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "jobs",
         help="(started by serve) run batch jobs from JetStream on a running engine core",

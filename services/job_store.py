@@ -374,8 +374,9 @@ class JobStore:
             for info in await self.js.consumers_info(jetstream.JOBS_STREAM):
                 lane = jetstream.lane_of_consumer(info.name)
                 if lane is not None:
-                    queued[lane[0]] += info.num_pending
-                    running[lane[0]] += info.num_ack_pending
+                    # Optional in nats-py's ConsumerInfo; the server always sends them.
+                    queued[lane[0]] += info.num_pending or 0
+                    running[lane[0]] += info.num_ack_pending or 0
             dead_letters = await jetstream.dead_letter_counts(self.js)
         for tier in jetstream.TIERS:
             reply.backlog.add(tier=tier, num_queued=queued[tier], num_running=running[tier])

@@ -213,7 +213,11 @@ class JobWorker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for sub in [*self._core_subs, *self._subs.values()]:
+        subs: list[Subscription | JetStreamContext.PullSubscription] = [
+            *self._core_subs,
+            *self._subs.values(),
+        ]
+        for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         log.info("job worker stopped", worker_id=self.worker_id)
@@ -648,7 +652,7 @@ class JobWorker:
 
     def _backoff_s(self, msg: Msg) -> float:
         num_delivered = max(1, msg.metadata.num_delivered)
-        return min(MAX_RETRY_BACKOFF_S, self.config.retry_backoff_s * 2 ** (num_delivered - 1))
+        return min(MAX_RETRY_BACKOFF_S, self.config.retry_backoff_s * 2.0 ** (num_delivered - 1))
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:

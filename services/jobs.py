@@ -181,7 +181,8 @@ async def _recheck(nc: NATS, availability: Availability) -> None:
         if availability.available or not nc.is_connected:
             continue
         with contextlib.suppress(Exception):
-            await nc.flush(timeout=RECHECK_INTERVAL_S)
+            # nats-py annotates `timeout` as int; it goes to asyncio.wait_for (float s).
+            await nc.flush(timeout=RECHECK_INTERVAL_S)  # type: ignore[arg-type]
             availability.set(True)
 
 

@@ -15,7 +15,7 @@ def default_keys_file() -> str:
     return str(Path(env_default("TWOLANE_DATA_DIR", default_data_dir())) / "keys.json")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = subparsers.add_parser(
         "keys",
         help="create, list and revoke API keys",
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
 
 
-def register_nats_creds(subparsers: argparse._SubParsersAction) -> None:
+def register_nats_creds(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     creds = subparsers.add_parser(
         "nats-creds",
         help="print a tenant's NATS user and password, one per line",

@@ -16,7 +16,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -62,12 +62,16 @@ def configure_logging(*, json: bool, level: str = "info", process: str | None = 
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         # One write per line: the processes of one `twolane serve` share its stderr, and a
         # line written in two pieces could interleave with another process's.
-        logger_factory=structlog.WriteLoggerFactory(_writer(sys.stderr)),
+        # WriteLogger only calls write() and flush(), which _QueuedStream has; structlog
+        # types its file as TextIO.
+        logger_factory=structlog.WriteLoggerFactory(_writer(sys.stderr)),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 
 
-def bound_values(logger: object, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def bound_values(
+    logger: object, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """Cut every value of an event to a bounded, cheaply made size (a structlog processor)."""
     for key, value in event_dict.items():
         if key == "exception" and isinstance(value, str):

@@ -401,7 +401,8 @@ class Membership:
             log.warning("unreadable worker record ignored", key=key)
             return
         seen_s = time.monotonic()
-        created = entry.created
+        # nats-py annotates Entry.created as an int, but sets the message's datetime.
+        created: object = entry.created
         if initial and isinstance(created, datetime.datetime):
             # A record read when the watch starts may be old already: count its age (by
             # the server's clock; later records count from their arrival, so that clocks

@@ -280,7 +280,7 @@ class CompletionsAPI:
         stream: bool,
     ) -> list[AsyncIterator[RequestOutput]]:
         """The engine requests of every choice (nothing is sent before they are read)."""
-        streams = []
+        streams: list[AsyncIterator[RequestOutput]] = []
         for valid in valids:
             for j in range(reply.n):
                 params = valid.params

@@ -84,7 +84,7 @@ def add_options(
     *,
     skip: frozenset[str] = frozenset(),
     helps: Mapping[str, str] | None = None,
-):
+) -> None:
     """Add a flag for every option of `cls` (and its groups) not named in `skip`;
     `helps` replaces the help text of some (by dest), where a command means them
     differently."""
@@ -112,7 +112,8 @@ def add_options(
 def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
     """Build `cls` from parsed flags; `values` set fields that have no flag."""
     built: dict[str, Any] = {}
-    for item in _options(cls):
+    klass: type = cls  # mypy reads `type[T]` as not Hashable (for the cache); a class is
+    for item in _options(klass):
         if isinstance(item, _Option):
             if hasattr(args, item.dest):
                 value = getattr(args, item.dest)
@@ -126,7 +127,8 @@ def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
 def to_argv(config: Any, *, skip: frozenset[str] = frozenset()) -> list[str]:
     """The flags that rebuild `config` in another process (every option, explicitly)."""
     argv: list[str] = []
-    for item in _options(type(config)):
+    klass: type = type(config)
+    for item in _options(klass):
         if isinstance(item, tuple):
             argv.extend(to_argv(getattr(config, item[0]), skip=skip))
             continue

@@ -22,8 +22,11 @@ log = structlog.get_logger(__name__)
 
 
 class _Log(Protocol):
-    log_json: bool
-    log_level: str
+    # Read-only: the configs are frozen dataclasses.
+    @property
+    def log_json(self) -> bool: ...
+    @property
+    def log_level(self) -> str: ...
 
 
 class ProcessConfig(Protocol):

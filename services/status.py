@@ -41,6 +41,8 @@ from twolane.services.errors import (
 
 log = structlog.get_logger(__name__)
 
+# The trailing-metadata key of a status's google.rpc.Status (grpc_status writes it).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 MAX_MESSAGE_CHARS = 1024
 MAX_VIOLATIONS = 16
 MAX_DESCRIPTION_CHARS = 256
@@ -65,12 +67,12 @@ def to_status(exc: Exception) -> grpc.Status:
     if isinstance(exc, ServiceError):
         code, message = exc.code, str(exc)
     else:
-        code = next((c for t, c in _ENGINE_CODES.items() if isinstance(exc, t)), None)
-        if code is None:
+        engine_code = next((c for t, c in _ENGINE_CODES.items() if isinstance(exc, t)), None)
+        if engine_code is None:
             # The details of an unexpected failure stay in the server log.
             code, message = grpc.StatusCode.INTERNAL, "internal error"
         else:
-            message = str(exc)
+            code, message = engine_code, str(exc)
     if not message:
         message = code.name.lower().replace("_", " ")
     retry_after_s = exc.retry_after_s if isinstance(exc, RateLimitedError) else None
@@ -121,7 +123,7 @@ def _packed(detail: Any) -> any_pb2.Any:
 
 class _Status(
     collections.namedtuple("_Status", ("code", "details", "trailing_metadata")),
-    grpc.Status,  # type: ignore[misc]
+    grpc.Status,
 ):
     """A status with the trailing metadata we add (as grpc_status builds its own)."""
 
@@ -135,7 +137,7 @@ def grpc_errors(handler: Handler) -> Handler:
 
         @functools.wraps(handler)
         async def stream_wrapper(
-            self: Any, request: Any, context: grpc.aio.ServicerContext
+            self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             _, span = open_rpc(handler.__name__, context)
             messages = handler(self, request, context)
@@ -159,7 +161,9 @@ def grpc_errors(handler: Handler) -> Handler:
         return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(handler)
-    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary_wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
         with rpc_scope(handler.__name__, context):
             try:
                 return await handler(self, request, context)
@@ -171,7 +175,7 @@ def grpc_errors(handler: Handler) -> Handler:
     return unary_wrapper  # type: ignore[return-value]
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
     status = to_status(exc)
     # The request id goes back on errors too (aborting replaces the trailing metadata).
     status = _Status(

@@ -17,7 +17,7 @@ from twolane.services.grpc_server import JOBS_HEALTH_NAME, SERVICE_NAME
 from twolane.v1 import inference_pb2, inference_pb2_grpc
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "status",
         help="a one-screen summary of a running server",
@@ -48,11 +48,14 @@ HEALTH_NAMES = (SERVICE_NAME, JOBS_HEALTH_NAME)
 
 def _health(channel: grpc.Channel, name: str, timeout_s: float) -> str:
     try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
+        stub = health_pb2_grpc.HealthStub(channel)
+        # types-grpcio-health-checking declares no methods on HealthStub; grpcio sets
+        # them in __init__.
+        reply = stub.Check(  # type: ignore[attr-defined]
             health_pb2.HealthCheckRequest(service=name), timeout=timeout_s
         )
     except grpc.RpcError as err:
-        return err.code().name.lower()  # type: ignore[attr-defined]
+        return err.code().name.lower()
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status).lower()
 
 

@@ -120,9 +120,10 @@ def _check_prompt(
             bad(field, outside)
             return []
     elif field == "messages":
-        token_ids = _encode_chat(request, prompts, bad)
-        if token_ids is None:
+        chat_ids = _encode_chat(request, prompts, bad)
+        if chat_ids is None:
             return []
+        token_ids = chat_ids
     else:
         token_ids = prompts.encode(request.prompt)
         if not token_ids:

@@ -125,29 +125,35 @@ def new_delivery(
 
 def consumers(config: WebhookConfig) -> list[tuple[str, api.ConsumerConfig]]:
     """(stream, consumer) of the intake and of the deliveries."""
-    common = {
-        "deliver_policy": api.DeliverPolicy.ALL,
-        "ack_policy": api.AckPolicy.EXPLICIT,
-        "ack_wait": config.ack_wait_s,
-        # Nacks that wait for a retry count as deliveries: never run out of them.
-        "max_deliver": -1,
-    }
-    intake = api.ConsumerConfig(
-        name=INTAKE_CONSUMER,
-        durable_name=INTAKE_CONSUMER,
-        description="the webhook service takes in completion events",
-        filter_subject="twolane.results.>",
+
+    def consumer(
+        name: str, description: str, filter_subject: str, max_ack_pending: int
+    ) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            description=description,
+            filter_subject=filter_subject,
+            max_ack_pending=max_ack_pending,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=config.ack_wait_s,
+            # Nacks that wait for a retry count as deliveries: never run out of them.
+            max_deliver=-1,
+        )
+
+    intake = consumer(
+        INTAKE_CONSUMER,
+        "the webhook service takes in completion events",
+        "twolane.results.>",
         max_ack_pending=10_000,
-        **common,
     )
-    delivery = api.ConsumerConfig(
-        name=DELIVERY_CONSUMER,
-        durable_name=DELIVERY_CONSUMER,
-        description="the webhook service drives each delivery from its ticket",
-        filter_subject="twolane.webhooks.>",
+    delivery = consumer(
+        DELIVERY_CONSUMER,
+        "the webhook service drives each delivery from its ticket",
+        "twolane.webhooks.>",
         # Deliveries waiting for a retry hold their ticket unacked.
         max_ack_pending=1_000_000,
-        **common,
     )
     return [(jetstream.RESULTS_STREAM, intake), (jetstream.WEBHOOKS_STREAM, delivery)]
 

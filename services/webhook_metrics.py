@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Final
 
 import structlog
 from nats.js import JetStreamContext
@@ -28,7 +29,7 @@ POLL_INTERVAL_S = 2.0
 _ATTEMPT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ATTEMPT_RESULTS = ("2xx", "http_error", "timeout", "connect_error", "refused", "paused")
 OUTCOMES = ("delivered", "failed")
-_MODE = "mostrecent"  # one webhook process's poll speaks for the whole stream
+_MODE: Final = "mostrecent"  # one webhook process's poll speaks for the whole stream
 
 DELIVERIES = Counter(
     "twolane_webhook_deliveries",

@@ -93,7 +93,7 @@ class WebhookSecrets:
         if self._cache is not None and self._cache[0] == stamp:
             return self._cache[1]
         try:
-            table = json.loads(self.path.read_text())["tenants"]
+            table: Table = json.loads(self.path.read_text())["tenants"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise OSError(f"{self.path} is not a webhook secrets file: {exc}") from exc
         self._cache = (stamp, table)

@@ -33,7 +33,7 @@ from twolane.services.webhook_store import DeliveryStore, StoredDelivery
 log = structlog.get_logger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     webhooks = subparsers.add_parser(
         "webhooks",
         help="the webhook service, its signing secrets and redelivery",

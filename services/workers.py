@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -17,6 +18,10 @@ import structlog
 from twolane.services.membership import SERVING, WorkerRecord, worker_key
 from twolane.services.routing import Candidate, PrefixIndex
 from twolane.v1 import inference_pb2_grpc
+
+if TYPE_CHECKING:
+    # Only in the generated .pyi: the stub of an aio channel, whose calls are awaited.
+    from twolane.v1.inference_pb2_grpc import InferenceServiceAsyncStub
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +38,7 @@ class Worker:
     key: str
     address: str
     channel: grpc.aio.Channel
-    stub: inference_pb2_grpc.InferenceServiceStub
+    stub: InferenceServiceAsyncStub
     record: WorkerRecord | None = None
     num_in_flight: int = 0
     gone: bool = False
