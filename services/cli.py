@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twolane.services.logging import configure_logging
 
         configure_logging(json=False, level="warning")
-    return args.func(args)
+    code: int = args.func(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ MAX_CONCURRENT_WAITS = 256
 QUEUE_FULL_RETRY_S = 1.0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     submit = subparsers.add_parser(
         "submit", help="queue a job and print its id", formatter_class=formatter
