@@ -1,6 +1,7 @@
 """Faults under a 500-job run: the engine core and the job runner SIGKILLed every few
-seconds, nats-server restarted. Each run ends with every job succeeded exactly once (one
-result written, one completion event) with the tokens of an undisturbed run.
+seconds, nats-server restarted, a gateway killed mid-submission and started again. Each
+run ends with every job succeeded exactly once (one result written, one completion
+event) with the tokens of an undisturbed run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from integration.nats_fixtures import EventRecorder, NatsServer
+from integration.nats_fixtures import EventRecorder, NatsServer, free_port, start_process
 from integration.serving import start_server
 
 from .conftest import Report
@@ -123,4 +124,46 @@ async def test_nats_server_restarted_mid_run(
         server.stop()
         nats_server.stop()
     record(report, "nats_restart", checked, num_faults)
+    checked.assert_clean()
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+async def test_a_gateway_restarted_under_load(
+    tmp_path: Path, report: Report, job_reference: list[list[int]]
+) -> None:
+    nats_server = NatsServer(tmp_path / "nats").start()
+    worker_port = free_port()
+    gateway_port = free_port()
+    nats_args = ("--nats-url", nats_server.url)
+    worker_env = {**SHORT_ACK_WAIT, "TWOLANE_DATA_DIR": str(tmp_path / "worker")}
+    worker = start_process("worker", "--port", str(worker_port), *nats_args, env=worker_env)
+    gateway_args = ("gateway", "--port", str(gateway_port), *nats_args)
+    gateway_args += ("--worker", f"127.0.0.1:{worker_port}")
+    gateways = [start_process(*gateway_args)]
+    try:
+        events = await EventRecorder().start(nats_server.url)
+
+        async def restart_gateway(run: JobRun) -> int:
+            while len(run.job_ids) < NUM_JOBS // 3:  # mid-submission
+                await asyncio.sleep(0.05)
+            kill(gateways[-1].proc.pid)
+            await asyncio.to_thread(gateways[-1].proc.wait)
+            gateways.append(await asyncio.to_thread(start_process, *gateway_args))
+            return 1
+
+        checked, num_faults = await faulted_run(
+            gateways[0].address,
+            nats_server.url,
+            events,
+            job_reference,
+            restart_gateway,
+        )
+        await events.close()
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        worker.stop()
+        nats_server.stop()
+    record(report, "gateway_restart", checked, num_faults)
     checked.assert_clean()
