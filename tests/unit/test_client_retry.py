@@ -21,7 +21,7 @@ from twolane.client import (
 )
 from twolane.client.config import TENANT_USER_PREFIX
 from twolane.client.errors import error_for
-from twolane.client.events import result_subject
+from twolane.client.events import RESULTS_STREAM, result_subject
 from twolane.client.requests import FINAL_STATES, TIERS
 from twolane.client.retry import Retrier, RetryEvent
 from twolane.services import jetstream, job_store, nats_auth
@@ -169,6 +169,7 @@ def test_the_nats_url_comes_from_the_data_dir_that_serve_wrote(tmp_path: Path) -
 
 def test_the_clients_copies_of_server_names_agree_with_the_server() -> None:
     assert result_subject("t", "j") == jetstream.result_subject("t", "j")
+    assert RESULTS_STREAM == jetstream.RESULTS_STREAM
     assert nats_auth.tenant_user("t") == f"{TENANT_USER_PREFIX}t"
     assert ClientConfig().targets == (f"127.0.0.1:{DEFAULT_PORT}",)
     assert FINAL_STATES == job_store.TERMINAL_STATES
