@@ -385,11 +385,12 @@ class _Drive:
                 if job_id is None and self._stopping():
                     return
                 try:
-                    if job_id is None:
-                        if self.r.admit is not None:
-                            self.r.admit(self.record.tenant, num_tokens)
-                        response = await self.r.jobs.submit_job(request, self.record.tenant)
-                        job_id = response.job_id
+                    if job_id is None and self.r.admit is not None:
+                        self.r.admit(self.record.tenant, num_tokens)
+                    # Submitted before a restart too: the same key returns that job, and
+                    # queues it again if its submitter died before queueing its ticket.
+                    response = await self.r.jobs.submit_job(request, self.record.tenant)
+                    job_id = response.job_id
                 except InvalidArgumentError as exc:
                     self.jobs.refused[line.number] = _refused(line, exc)
                     return
