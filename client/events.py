@@ -83,13 +83,15 @@ class JobEvents:
             sub = await nc.subscribe(subject, max_msgs=1)
             await nc.flush(timeout=wait_s)
             subscription = EventSubscription(sub)
+            # Closed however this ends, the stored event included: a long-lived client
+            # must not keep one subscription per job it watched.
             try:
-                stored = await nc.jetstream().get_last_msg(RESULTS_STREAM, subject, direct=True)
-                # nats-py gives an empty payload as None.
-                return jobs_pb2.JobEvent.FromString(stored.data or b"")
-            except nats.js.errors.NotFoundError:
-                pass
-            try:
+                try:
+                    stored = await nc.jetstream().get_last_msg(RESULTS_STREAM, subject, direct=True)
+                    # nats-py gives an empty payload as None.
+                    return jobs_pb2.JobEvent.FromString(stored.data or b"")
+                except nats.js.errors.NotFoundError:
+                    pass
                 return await subscription.next_event(
                     365 * 24 * 3600.0 if timeout_s is None else timeout_s
                 )
