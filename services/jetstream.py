@@ -10,8 +10,8 @@ Streams and buckets have `--nats-replicas` replicas (1 by default, 3 on a cluste
   discard new at max_msgs/max_bytes (so a full queue refuses SubmitJob), 2 min
   duplicate window on Nats-Msg-Id = job id.
 - twolane-jobs-<tier> (durable pull consumers, one per tier): explicit ack,
-  ack_wait and max_deliver from the config; workers pull urgent, then standard,
-  then bulk.
+  ack_wait from the config, unlimited deliveries (the worker dead-letters a job
+  past `max_deliver`); workers pull urgent, then standard, then bulk.
 - TWOLANE_RESULTS (stream, `twolane.results.>`): completion events, limits
   retention, file, max_age = result TTL, duplicate window min(1 h, TTL).
 - TWOLANE_DLQ (stream, `twolane.dlq.>`): dead letters, max_age = job TTL.
@@ -189,7 +189,8 @@ def consumer(config: JobsConfig, tier: str, tenant: str = DEFAULT_TENANT) -> api
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=config.ack_wait_s,
-        max_deliver=config.max_deliver,
+        # Unlimited: the worker counts deliveries against config.max_deliver (job_worker.py).
+        max_deliver=-1,
         # Pulls come in small batches sized to the engine's free room.
         max_waiting=512,
     )

@@ -8,6 +8,11 @@ stops reporting, and the message goes to another worker after `ack_wait_s`,
 unless the worker restarts first: it then gives back at once what it held
 (see worker_slot.py).
 
+The worker, not JetStream, counts deliveries against `max_deliver`: the consumers
+redeliver without limit, and the first worker to see a delivery past the limit
+dead-letters the job. JetStream's own limit would end with an advisory that is lost
+when no worker listens at that moment, leaving the job RUNNING forever.
+
 Per job, in this order: result (create-only), state, completion event, ack.
 """
 
@@ -16,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,8 +70,6 @@ FETCH_TIMEOUT_S = 0.5
 CONSUMER_REFRESH_S = 5.0
 IDLE_POLL_S = 1.0
 MAX_RETRY_BACKOFF_S = 60.0
-# JetStream announces here a message that ran out of deliveries without being settled.
-MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 # Below this share of free KV blocks the worker leaves the room to running work.
 MIN_FREE_BLOCKS_FRACTION = 0.02
 # A job whose engine core went away is given back after this long, so the restarted
@@ -151,12 +153,6 @@ class JobWorker:
             # A new job anywhere wakes the pull loop; no payload is read.
             await self.nc.subscribe("twolane.jobs.>", cb=self._on_new_job),
             await self.nc.subscribe(f"{jetstream.CANCEL_SUBJECT_PREFIX}.*", cb=self._on_cancel),
-            # One worker of the group takes each exhausted message.
-            await self.nc.subscribe(
-                f"{MAX_DELIVERIES_ADVISORY}.{jetstream.JOBS_STREAM}.*",
-                queue="twolane-dead-letters",
-                cb=self._on_max_deliveries,
-            ),
         ]
         # Before pulling: nothing this incarnation holds may be given back by mistake.
         num_reclaimed = await self._reclaim()
@@ -394,6 +390,15 @@ class JobWorker:
         if stored.record.state in TERMINAL_STATES:
             await self._settle_finished(msg, stored.record)
             return
+        if msg.metadata.num_delivered > self.config.max_deliver:
+            # Every allowed delivery ended without settling: its worker died or stopped.
+            error = (
+                f"no worker finished the job in {self.config.max_deliver} deliveries; "
+                "the last one stopped or died while running it"
+            )
+            await self._dead_letter(tier, job_id, error, self.config.max_deliver)
+            await msg.term()
+            return
         if _deadline_passed(stored.record):
             await self._finish(job_id, jobs_pb2.JOB_STATE_EXPIRED, "the deadline passed")
             await msg.ack()
@@ -625,30 +630,6 @@ class JobWorker:
         )
         await self._finish(job_id, jobs_pb2.JOB_STATE_FAILED, error)
         log.error("job dead-lettered", job_id=job_id, error=error)
-
-    async def _on_max_deliveries(self, advisory: Msg) -> None:
-        """JetStream gave up on a job message nobody settled: its last worker died or
-        stopped while running it. Dead-letter the job and drop the message, which a
-        work-queue stream would otherwise keep forever."""
-        try:
-            sequence = int(json.loads(advisory.data)["stream_seq"])
-            raw = await self.js.get_msg(jetstream.JOBS_STREAM, sequence)
-        except (ValueError, KeyError, nats.js.errors.NotFoundError):
-            return  # unreadable, or already removed by another worker
-        ticket = parse_ticket(raw.data or b"")
-        if ticket is not None:
-            stored = await self.store.read(ticket.job_id)
-            if stored is not None and stored.record.state not in TERMINAL_STATES:
-                # twolane.jobs.<tier>[.<tenant>]: the tier is not always the last token.
-                lane = jetstream.lane_of_subject(raw.subject or "")
-                tier = lane[0] if lane is not None else jetstream.TIERS[-1]
-                error = (
-                    f"no worker finished the job in {self.config.max_deliver} deliveries; "
-                    "the last one stopped or died while running it"
-                )
-                await self._dead_letter(tier, ticket.job_id, error, self.config.max_deliver)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self.js.delete_msg(jetstream.JOBS_STREAM, sequence)
 
     def _backoff_s(self, msg: Msg) -> float:
         num_delivered = max(1, msg.metadata.num_delivered)

@@ -22,6 +22,8 @@ from twolane.v1 import inference_pb2, inference_pb2_grpc
 TWOLANE = str(Path(sys.executable).with_name("twolane"))
 STARTUP_TIMEOUT_S = 180.0
 _PORT_IN_CONSOLE_LINE = re.compile(r"\bport=(\d+)")
+# Every process started through ServerProcess, so a failed test can show their logs.
+STARTED: list[ServerProcess] = []
 
 
 @dataclass
@@ -35,6 +37,9 @@ class ServerProcess:
     http_port: int | None = None
     _listening: threading.Event = field(default_factory=threading.Event)
     _http_listening: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        STARTED.append(self)
 
     @property
     def address(self) -> str:

@@ -102,14 +102,20 @@ async def client(cluster: Cluster) -> AsyncIterator[NATS]:
     await nc.close()
 
 
-async def retry(what: str, attempt: Callable[[], Awaitable[object]]) -> None:
-    for _ in range(100):
+async def retry(
+    what: str, attempt: Callable[[], Awaitable[object]], timeout_s: float = 60.0
+) -> None:
+    """Repeat `attempt` until it succeeds; a cluster on a loaded machine can take a while
+    to place an R3 stream (every peer must have joined) or to elect a new leader."""
+    give_up_s = time.monotonic() + timeout_s
+    while True:
         try:
             await attempt()
             return
-        except Exception:
+        except Exception as exc:
+            if time.monotonic() > give_up_s:
+                pytest.fail(f"{what}; the last attempt: {exc!r}")
             await asyncio.sleep(0.2)
-    pytest.fail(what)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
@@ -69,3 +70,44 @@ async def running_worker_id(url: str, job_id: str) -> str:
     finally:
         await nc.close()
     return job_record_pb2.JobRecord.FromString(entry.value or b"").worker_id
+
+
+@pytest.mark.slow
+async def test_a_job_whose_worker_died_on_its_last_delivery_fails_on_a_worker_started_later(
+    tmp_path: Path,
+) -> None:
+    """No worker listens when the last delivery runs out: the next one to start still
+    dead-letters the job instead of leaving it RUNNING with its message stuck."""
+    nats_server = NatsServer(tmp_path / "nats").start()
+    workers: list[ServerProcess] = []
+    try:
+        args = ("worker", "--port", "0", "--nats-url", nats_server.url)
+        first = start_process(*args, env={**ONE_DELIVERY, "TWOLANE_DATA_DIR": str(tmp_path / "a")})
+        workers.append(first)
+        first.wait_for_line("job worker started")
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            job_id = (await stub.SubmitJob(job_request("never ends", max_tokens=2000))).job_id
+            await wait_for_states(stub, [job_id], frozenset({jobs_pb2.JOB_STATE_RUNNING}))
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+        # Past the ack wait with nobody listening: JetStream has given up on the message.
+        await asyncio.sleep(2 * float(ONE_DELIVERY["TWOLANE_JOB_ACK_WAIT_S"]))
+
+        later = start_process(*args, env={**ONE_DELIVERY, "TWOLANE_DATA_DIR": str(tmp_path / "b")})
+        workers.append(later)
+        async with grpc.aio.insecure_channel(later.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            results = await wait_for_states(stub, [job_id], timeout_s=60)
+        assert results[job_id].state == jobs_pb2.JOB_STATE_FAILED
+        assert "died" in results[job_id].error
+        nc = await nats.connect(nats_server.url)
+        try:
+            jobs_stream = await nc.jetstream().stream_info("TWOLANE_JOBS")
+        finally:
+            await nc.close()
+        assert jobs_stream.state.messages == 0
+    finally:
+        for worker in workers:
+            worker.stop()
+        nats_server.stop()
