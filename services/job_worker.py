@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import nats.errors
-import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -84,7 +82,18 @@ class TransientJobError(Exception):
 
 @dataclass
 class _Running:
-    request_id: str
+    """One job message this worker handles, and the newest delivery of it.
+
+    JetStream redelivers a message whose progress reports came too late (a busy
+    machine); when the worker already runs it, the run goes on and settles the newest
+    delivery, whose reply subject is the one JetStream now waits on.
+    """
+
+    msg: Msg
+    job_id: str
+    sequence: int  # the message's stream sequence: the same on every delivery
+    replies: list[str]  # every delivery's reply subject, held in the slot until the end
+    request_id: str = ""  # the engine request, once the job runs
     cancelled: bool = False
 
 
@@ -131,7 +140,7 @@ class JobWorker:
         # One pull consumer per tier and tenant (the default tenant's are the tier's own).
         self._subs: dict[Lane, JetStreamContext.PullSubscription] = {}
         self._tasks: dict[asyncio.Task[None], Lane] = {}
-        self._replies: dict[asyncio.Task[None], str] = {}  # the ack subject of each task's message
+        self._task_jobs: dict[asyncio.Task[None], _Running] = {}
         self._num_inflight: collections.Counter[Lane] = collections.Counter()
         self._turn: dict[str, int] = collections.defaultdict(int)  # round robin, per tier
         self._consumers_checked_s = 0.0
@@ -267,7 +276,8 @@ class JobWorker:
                     break
                 try:
                     msgs = await self._subs[lane].fetch(min(share, room), timeout=FETCH_TIMEOUT_S)
-                except nats.errors.TimeoutError:
+                # nats.py raises its own TimeoutError or, on some paths, the builtin one.
+                except TimeoutError:
                     continue
                 for msg in msgs:
                     self._start(msg, lane)
@@ -319,16 +329,36 @@ class JobWorker:
 
     def _start(self, msg: Msg, lane: Lane) -> None:
         ticket = parse_ticket(msg.data)
-        self.slot.hold(msg.reply, ticket.job_id if ticket is not None else "")
-        task = asyncio.create_task(self._run(msg, lane[0]))
+        job_id = ticket.job_id if ticket is not None else ""
+        self.slot.hold(msg.reply, job_id)
+        sequence = msg.metadata.sequence.stream
+        running = self._running.get(job_id) if job_id else None
+        if running is not None and running.sequence == sequence:
+            # Not a second run: that would spend the job's deliveries on a copy of itself.
+            running.msg = msg
+            running.replies.append(msg.reply)
+            log.info(
+                "job redelivered while it runs here; the run goes on",
+                job_id=job_id,
+                delivery=msg.metadata.num_delivered,
+            )
+            return
+        running = _Running(msg=msg, job_id=job_id, sequence=sequence, replies=[msg.reply])
+        if job_id and job_id not in self._running:
+            self._running[job_id] = running
+        task = asyncio.create_task(self._run(running, lane[0]))
         self._tasks[task] = lane
-        self._replies[task] = msg.reply
+        self._task_jobs[task] = running
         self._num_inflight[lane] += 1
         task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         lane = self._tasks.pop(task)
-        self.slot.release(self._replies.pop(task))
+        running = self._task_jobs.pop(task)
+        if self._running.get(running.job_id) is running:
+            del self._running[running.job_id]
+        for reply in running.replies:
+            self.slot.release(reply)
         self._num_inflight[lane] -= 1
         self._room_changed.set()
 
@@ -356,39 +386,41 @@ class JobWorker:
 
     # ---- one job -----------------------------------------------------------------
 
-    async def _run(self, msg: Msg, tier: str) -> None:
-        """Handle one message; whatever happens, it is acked, nacked or terminated."""
-        parent = tracing.context_from_headers(msg.headers)
+    async def _run(self, running: _Running, tier: str) -> None:
+        """Handle one message; whatever happens, its newest delivery is acked, nacked or
+        terminated."""
+        parent = tracing.context_from_headers(running.msg.headers)
         try:
             with tracing.tracer.start_as_current_span("job.run", context=parent) as span:
                 span.set_attribute("twolane.tier", tier)
-                await self._handle(msg, tier)
+                await self._handle(running, tier)
         except asyncio.CancelledError:
             # The worker is stopping: hand the job to another worker now.
             with contextlib.suppress(Exception):
-                await msg.nak()
+                await running.msg.nak()
             raise
         except Exception as exc:
-            log.warning("job attempt failed", error=repr(exc), subject=msg.subject)
+            log.warning("job attempt failed", error=repr(exc), subject=running.msg.subject)
             with contextlib.suppress(Exception):
-                await msg.nak(delay=self._backoff_s(msg))
+                await running.msg.nak(delay=self._backoff_s(running.msg))
 
-    async def _handle(self, msg: Msg, tier: str) -> None:
+    async def _handle(self, running: _Running, tier: str) -> None:
+        msg = running.msg
         ticket = parse_ticket(msg.data)
         if ticket is None:
             log.error("unreadable job message terminated", subject=msg.subject)
-            await msg.term()
+            await running.msg.term()
             return
         job_id = ticket.job_id
         structlog.contextvars.bind_contextvars(job_id=job_id, tenant=ticket.tenant)
         stored = await self.store.read(job_id)
         if stored is None:
             log.error("job message without a record terminated", job_id=job_id)
-            await msg.term()
+            await running.msg.term()
             return
         sequence = msg.metadata.sequence.stream
         if stored.record.state in TERMINAL_STATES:
-            await self._settle_finished(msg, stored.record)
+            await self._settle_finished(running.msg, stored.record)
             return
         if msg.metadata.num_delivered > self.config.max_deliver:
             # Every allowed delivery ended without settling: its worker died or stopped.
@@ -397,11 +429,11 @@ class JobWorker:
                 "the last one stopped or died while running it"
             )
             await self._dead_letter(tier, job_id, error, self.config.max_deliver)
-            await msg.term()
+            await running.msg.term()
             return
         if _deadline_passed(stored.record):
             await self._finish(job_id, jobs_pb2.JOB_STATE_EXPIRED, "the deadline passed")
-            await msg.ack()
+            await running.msg.ack()
             return
 
         def claim(record: job_record_pb2.JobRecord) -> bool:
@@ -425,9 +457,9 @@ class JobWorker:
             stored, claimed = await self.store.transition(job_id, claim, just_read=stored)
         if not claimed:
             if stored.record.state in TERMINAL_STATES:
-                await self._settle_finished(msg, stored.record)
+                await self._settle_finished(running.msg, stored.record)
             else:
-                await msg.ack()  # a second ticket for a job another message runs
+                await running.msg.ack()  # a second ticket for a job another message runs
             return
         log.info(
             "job started",
@@ -436,43 +468,43 @@ class JobWorker:
             delivery=msg.metadata.num_delivered,
             worker_id=self.worker_id,
         )
-        await self._execute(msg, tier, stored.record)
+        await self._execute(running, tier, stored.record)
 
-    async def _execute(self, msg: Msg, tier: str, record: job_record_pb2.JobRecord) -> None:
+    async def _execute(
+        self, running: _Running, tier: str, record: job_record_pb2.JobRecord
+    ) -> None:
         job_id = record.job_id
-        running = _Running(request_id=f"job-{job_id}-{msg.metadata.num_delivered}")
-        self._running[job_id] = running
-        heartbeat = asyncio.create_task(self._heartbeat(msg, job_id, running))
+        running.request_id = f"job-{job_id}-{running.msg.metadata.num_delivered}"
+        heartbeat = asyncio.create_task(self._heartbeat(job_id, running))
         started_s = time.monotonic()
         try:
             outputs = await self._generate(running.request_id, tier, record)
         except InvalidArgumentError as exc:
             # It can never succeed: fail it now rather than retry it.
             await self._finish(job_id, jobs_pb2.JOB_STATE_FAILED, f"invalid request: {exc}")
-            await msg.term()
+            await running.msg.term()
             return
         except RequestDeadlineError:
             await self._finish(job_id, jobs_pb2.JOB_STATE_EXPIRED, "the deadline passed")
-            await msg.ack()
+            await running.msg.ack()
             return
         except RequestAbortedError:
-            await self._settle_abort(msg, job_id, running)
+            await self._settle_abort(running.msg, job_id, running)
             return
         except (EngineStoppedError, UnavailableError) as exc:
-            await self._give_back(msg, job_id, str(exc))
+            await self._give_back(running.msg, job_id, str(exc))
             return
         except (TransientJobError, RequestFailedError) as exc:
-            await self._retry_or_dead_letter(msg, tier, job_id, str(exc))
+            await self._retry_or_dead_letter(running.msg, tier, job_id, str(exc))
             return
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            self._running.pop(job_id, None)
         trace_phases(outputs[-1], started_s)
         result = convert.generate_response(job_id, outputs, time.monotonic() - started_s)
         await self._finish(job_id, jobs_pb2.JOB_STATE_SUCCEEDED, "", result)
-        await msg.ack()
+        await running.msg.ack()
         log.info("job succeeded", job_id=job_id, completion_tokens=outputs[-1].num_output_tokens)
 
     async def _settle_abort(self, msg: Msg, job_id: str, running: _Running) -> None:
@@ -519,13 +551,13 @@ class JobWorker:
         )
         return [out async for out in updates]
 
-    async def _heartbeat(self, msg: Msg, job_id: str, running: _Running) -> None:
+    async def _heartbeat(self, job_id: str, running: _Running) -> None:
         """Keep the message ours while the job runs; notice a cancel we missed."""
         interval_s = max(0.2, self.config.ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval_s)
             with contextlib.suppress(Exception):
-                await msg.in_progress()
+                await running.msg.in_progress()
                 stored = await self.store.read(job_id)
                 if stored is not None and stored.record.state == jobs_pb2.JOB_STATE_CANCELLED:
                     running.cancelled = True

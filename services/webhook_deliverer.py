@@ -35,7 +35,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import httpx
-import nats.errors
 import structlog
 from google.protobuf import message as protobuf_message
 from nats.aio.client import Client as NATS
@@ -493,7 +492,8 @@ class WebhookDeliverer:
     async def _fetch(self, sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]:
         try:
             return await sub.fetch(batch, timeout=FETCH_TIMEOUT_S)
-        except nats.errors.TimeoutError:
+        # nats.py raises its own TimeoutError or, on some paths, the builtin one.
+        except TimeoutError:
             return []
         except Exception as exc:  # NATS is away or restarting: keep trying
             log.warning("webhook fetch failed", error=repr(exc))
