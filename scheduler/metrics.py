@@ -11,11 +11,12 @@ reach the scrape through Prometheus' multiprocess files (see services/metrics_ht
 from __future__ import annotations
 
 from collections.abc import Sequence as Labels
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from twolane.scheduler.sequence import Sequence
+if TYPE_CHECKING:  # sequence.py loads torch; the job runner reads these buckets without it
+    from twolane.scheduler.sequence import Sequence
 
 LANES = ("interactive", "batch")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
