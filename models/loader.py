@@ -143,10 +143,11 @@ def load_model(
     validate_checkpoint_dir(model_dir, need_tokenizer=False)
     config = ModelConfig.from_dir(model_dir)
     torch_dtype = DTYPES[dtype]
-    with torch.device("meta"):
+    # Straight on the target device: the layers have no random initialisers (llama.Linear),
+    # so this only allocates. (Built on the meta device, the model would pull torch's
+    # Python references and sympy in to materialise it: a second of every engine start.)
+    with torch.device(device):
         model = LlamaForCausalLM(config, max_positions)
-    # Materialise on the target device without running the random initialisers.
-    model = model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(iter_weights(safetensors_files(model_dir)))

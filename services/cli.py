@@ -25,13 +25,30 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Server commands, and the children serve and worker start, import their own command's
+# module only: every other command's imports (grpc, NATS, FastAPI) would cost each
+# process a second of every start, and a restarted worker serves that much sooner.
+SERVER_COMMAND_MODULES = {
+    "serve": "twolane.services.supervisor",
+    "worker": "twolane.services.supervisor",
+    "gateway": "twolane.services.gateway",
+    "engine-core": "twolane.services.engine_core",
+    "frontend": "twolane.services.frontend",
+    "http": "twolane.services.http_front",
+    "jobs": "twolane.services.job_runner",
+    "webhooks": "twolane.services.webhooks_cli",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI, or only the subparsers of `command`'s module for a server command."""
     parser = argparse.ArgumentParser(
         prog="twolane", description="LLM inference serving with an interactive and a batch lane."
     )
     parser.add_argument("--version", action="version", version=f"twolane {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    own_module = SERVER_COMMAND_MODULES.get(command or "")
+    for name in (own_module,) if own_module is not None else COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
@@ -44,14 +61,13 @@ def version() -> str:
 
 
 # Commands that run as servers configure their own logging from their flags (as does
-# any subcommand that sets `runs_server`, such as `twolane webhooks serve`).
-SERVER_COMMANDS = frozenset(
-    {"serve", "worker", "gateway", "frontend", "http", "engine-core", "jobs"}
-)
+# any subcommand that sets `runs_server`: `twolane webhooks serve`, not its siblings).
+SERVER_COMMANDS = frozenset(SERVER_COMMAND_MODULES) - {"webhooks"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     if args.command not in SERVER_COMMANDS and not getattr(args, "runs_server", False):
         # A command run by hand says what went wrong in its own words; library chatter
         # (a retried connection, say) stays out of its output.

@@ -237,7 +237,11 @@ class Supervisor:
         return child.ready
 
     async def start_all(self) -> None:
-        """Start every child in order, each after the one before is ready.
+        """Start every child at once, then wait for each to be ready, in plan order.
+
+        The processes around the engine core wait for its answer themselves, so they
+        import and connect to NATS while it loads its model: a restarted worker serves
+        that much sooner.
 
         Raises:
             OSError: a child exited before it was ready (its log says why).
@@ -247,6 +251,9 @@ class Supervisor:
             if self.stopping:
                 return
             await self.spawn(child)
+        for child in self.children:
+            if self.stopping:
+                return
             if not await self.wait_ready(child):
                 code = await child.proc.wait() if child.proc else None
                 if self.stopping:

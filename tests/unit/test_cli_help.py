@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
-from twolane.services.cli import build_parser, main
+from twolane.services.cli import SERVER_COMMAND_MODULES, build_parser, main
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -45,3 +46,21 @@ def test_gateway_and_worker_help_claim_no_embedded_nats_server(name: str) -> Non
     assert ("--data-dir" in text) == (name == "worker")
     options = text.split("options:", 1)[1]
     assert "required" in options.split("--nats-url", 1)[1][:200]
+
+
+@pytest.mark.parametrize("name", sorted(SERVER_COMMAND_MODULES))
+def test_a_server_command_parses_alone_as_in_the_whole_cli(name: str) -> None:
+    """A server imports only its command's module: that parser must be the whole CLI's."""
+    (alone,) = [a for a in build_parser(name)._actions if isinstance(a, argparse._SubParsersAction)]
+    assert name in alone.choices
+    assert alone.choices[name].format_help() == subcommands()[name].format_help()
+
+
+def test_every_command_the_supervisor_starts_parses_alone() -> None:
+    from twolane.services.config import ServeConfig
+    from twolane.services.supervisor import Supervisor
+
+    supervisor = Supervisor(
+        ServeConfig(), "nats://127.0.0.1:4222", "", Path("/tmp"), 0, Path("/tmp"), http_port=0
+    )
+    assert {child.role for child in supervisor.plan()} <= set(SERVER_COMMAND_MODULES)
