@@ -9,7 +9,9 @@ It starts nats-server (unless `--nats-url`), then the children, each as
     jobs            the JetStream consumer feeding the engine core batch work
     webhooks        `twolane webhooks serve`: POSTs completion events to webhook URLs
 
-A child that dies is noticed at once and started again, with backoff. On SIGTERM the
+The children start side by side: those around the engine core wait for its answer
+themselves, importing and connecting while it loads the model. A child that dies is
+noticed at once and started again, with backoff. On SIGTERM the
 children stop in order: frontends and the HTTP front (draining their calls), the job
 runner (finishing or giving back its jobs), the webhook service (finishing its attempts
 in flight), the engine core, and last nats-server. The webhook service always runs: a
