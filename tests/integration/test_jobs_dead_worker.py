@@ -41,26 +41,30 @@ async def test_a_job_whose_only_worker_dies_on_its_last_delivery_is_dead_lettere
         running.proc.send_signal(signal.SIGKILL)
         running.proc.wait()
 
-        async with grpc.aio.insecure_channel(survivor.address) as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            results = await wait_for_states(stub, [job_id], timeout_s=60)
-        assert results[job_id].state == jobs_pb2.JOB_STATE_FAILED
-        assert "died" in results[job_id].error
-
-        nc = await nats.connect(nats_server.url)
-        try:
-            js = nc.jetstream()
-            letter_msg = await js.get_last_msg("TWOLANE_DLQ", "twolane.dlq.standard")
-            jobs_stream = await js.stream_info("TWOLANE_JOBS")
-        finally:
-            await nc.close()
-        letter = job_record_pb2.DeadLetter.FromString(letter_msg.data)
-        assert letter.job_id == job_id
-        assert jobs_stream.state.messages == 0  # the exhausted message is gone, not stuck
+        await assert_dead_lettered(survivor.address, nats_server.url, job_id)
     finally:
         for worker in workers:
             worker.stop()
         nats_server.stop()
+
+
+async def assert_dead_lettered(address: str, nats_url: str, job_id: str) -> None:
+    """The job ends FAILED for its dead worker, with a dead letter, and its message is gone
+    from the work queue rather than stuck there."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        results = await wait_for_states(stub, [job_id], timeout_s=60)
+    assert results[job_id].state == jobs_pb2.JOB_STATE_FAILED
+    assert "died" in results[job_id].error
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        letter_msg = await js.get_last_msg("TWOLANE_DLQ", "twolane.dlq.standard")
+        jobs_stream = await js.stream_info("TWOLANE_JOBS")
+    finally:
+        await nc.close()
+    assert job_record_pb2.DeadLetter.FromString(letter_msg.data).job_id == job_id
+    assert jobs_stream.state.messages == 0
 
 
 async def running_worker_id(url: str, job_id: str) -> str:
@@ -96,17 +100,7 @@ async def test_a_job_whose_worker_died_on_its_last_delivery_fails_on_a_worker_st
 
         later = start_process(*args, env={**ONE_DELIVERY, "TWOLANE_DATA_DIR": str(tmp_path / "b")})
         workers.append(later)
-        async with grpc.aio.insecure_channel(later.address) as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            results = await wait_for_states(stub, [job_id], timeout_s=60)
-        assert results[job_id].state == jobs_pb2.JOB_STATE_FAILED
-        assert "died" in results[job_id].error
-        nc = await nats.connect(nats_server.url)
-        try:
-            jobs_stream = await nc.jetstream().stream_info("TWOLANE_JOBS")
-        finally:
-            await nc.close()
-        assert jobs_stream.state.messages == 0
+        await assert_dead_lettered(later.address, nats_server.url, job_id)
     finally:
         for worker in workers:
             worker.stop()
