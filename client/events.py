@@ -167,7 +167,7 @@ class EventSubscription:
         """
         try:
             msg = await self._sub.next_msg(timeout=timeout_s)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.py's own is a subclass
             return None
         except nats.errors.ConnectionClosedError as exc:
             raise EventsLost(str(exc)) from exc

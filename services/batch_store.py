@@ -317,7 +317,8 @@ async def store_errors() -> AsyncIterator[None]:
     """NATS being away is the caller's UNAVAILABLE, never an internal error."""
     try:
         yield
-    except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+    # TimeoutError: nats.py's own, or the builtin one some of its paths let through.
+    except (TimeoutError, nats.errors.ConnectionClosedError) as exc:
         raise UnavailableError(f"the batch store is unavailable: {exc}") from exc
     except nats.errors.NoRespondersError as exc:
         raise UnavailableError("the batch store is unavailable: JetStream did not answer") from exc

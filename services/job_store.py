@@ -91,7 +91,8 @@ async def nats_errors(availability: Availability | None = None) -> AsyncIterator
     `availability`, the process's Jobs health turns NOT_SERVING until NATS answers)."""
     try:
         yield
-    except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+    # TimeoutError: nats.py's own, or the builtin one some of its paths let through.
+    except (TimeoutError, nats.errors.ConnectionClosedError) as exc:
         if availability is not None:
             availability.set(False)
         raise UnavailableError(f"the job queue is unavailable: {exc}") from exc
