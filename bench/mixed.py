@@ -44,6 +44,9 @@ VOCAB_SIZE = 256  # ids every built-in and bench checkpoint accepts
 SUBMIT_CONCURRENCY = 64
 SUBMIT_DURING_DELAY_S = 5.0
 CAPACITY_REQUESTS_PER_SEQ = 8
+# Saturated runs the capacity is the median of: one short run on a shared machine can come
+# out 30% off, and both the interactive rate and the batch share are read against it.
+CAPACITY_RUNS = 3
 
 
 @dataclass
@@ -219,15 +222,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     client = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     with client, start_server(settings) as server:
         assert server.nats_url, "the server did not start its embedded nats-server"
-        saturation = client.submit(
-            run_interactive,
-            server.address,
-            # Enough requests that the saturated run lasts seconds, not one burst: the
-            # interactive rate of both runs is a share of this figure.
-            _interactive_specs(args, CAPACITY_REQUESTS_PER_SEQ * args.max_num_seqs),
-            args.max_num_seqs,
-            label="capacity",
-        ).result()
+        saturations = [
+            client.submit(
+                run_interactive,
+                server.address,
+                # Enough requests that each saturated run lasts seconds, not one burst: the
+                # interactive rate of both runs is a share of their median.
+                _interactive_specs(args, CAPACITY_REQUESTS_PER_SEQ * args.max_num_seqs),
+                args.max_num_seqs,
+                label=f"capacity {i + 1}/{CAPACITY_RUNS}",
+            ).result()
+            for i in range(1 if args.quick else CAPACITY_RUNS)
+        ]
+        saturations.sort(key=lambda run: float(run["output_tokens_per_s"]))  # type: ignore[arg-type]
+        saturation = saturations[len(saturations) // 2]
         capacity_tok_s = float(saturation["output_tokens_per_s"])  # type: ignore[arg-type]
         capacity_req_s = float(saturation["request_throughput_per_s"])  # type: ignore[arg-type]
         rate = args.load * capacity_req_s
@@ -261,7 +269,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_target_s": args.ttft_target_s,
         "submit_during": args.submit_during,
         "threads": args.threads,
-        "capacity": {"output_tokens_per_s": capacity_tok_s, "requests_per_s": capacity_req_s},
+        "capacity": {
+            "output_tokens_per_s": capacity_tok_s,
+            "requests_per_s": capacity_req_s,
+            "runs_output_tokens_per_s": [float(r["output_tokens_per_s"]) for r in saturations],  # type: ignore[arg-type]
+        },
         "interactive_rate_per_s": rate,
         "alone": alone,
         "mixed": mixed,
@@ -286,7 +298,9 @@ def table(report: dict[str, Any]) -> str:
         f"{report['ttft_target_s'] or 'default'} s"
         + (", jobs submitted during the run" if report.get("submit_during") else ""),
         "",
-        f"capacity (interactive alone, saturated): {report['capacity']['output_tokens_per_s']:.0f}"
+        f"capacity (interactive alone, saturated; median of "
+        f"{', '.join(f'{v:.0f}' for v in report['capacity']['runs_output_tokens_per_s'])}): "
+        f"{report['capacity']['output_tokens_per_s']:.0f}"
         f" tok/s, {report['capacity']['requests_per_s']:.2f} req/s; interactive Poisson rate "
         f"{report['interactive_rate_per_s']:.2f} req/s ({report['load']:.0%} of capacity)",
         "",
