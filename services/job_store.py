@@ -280,10 +280,14 @@ class JobStore:
         assert entry.value is not None
         return generate_pb2.GenerateResponse.FromString(entry.value)
 
-    async def write_result(self, job_id: str, result: generate_pb2.GenerateResponse) -> None:
-        """Create-only: a result written by an earlier attempt stays the one result."""
-        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+    async def write_result(self, job_id: str, result: generate_pb2.GenerateResponse) -> bool:
+        """Create-only: a result written by an earlier attempt stays the one result.
+        Returns whether this one was written."""
+        try:
             await self.buckets.results.create(job_id, result.SerializeToString())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
 
     async def event_published(self, record: job_record_pb2.JobRecord) -> bool:
         subject = jetstream.result_subject(record.tenant, record.job_id)
@@ -293,11 +297,16 @@ class JobStore:
             return False
         return True
 
-    async def publish_event(self, record: job_record_pb2.JobRecord) -> None:
+    async def publish_event(
+        self,
+        record: job_record_pb2.JobRecord,
+        result: generate_pb2.GenerateResponse | None = None,
+    ) -> None:
         """The completion event, published by whoever made the final transition.
 
         Its Nats-Msg-Id keeps a second publish out of the stream, but a plain
-        subscriber would still see it, so callers publish at most once.
+        subscriber would still see it, so callers publish at most once. `result`, the
+        one the caller just wrote, saves reading it back.
         """
         event = jobs_pb2.JobEvent(
             job_id=record.job_id,
@@ -308,7 +317,8 @@ class JobStore:
             finished_at=record.finished_at,
         )
         if record.state == jobs_pb2.JOB_STATE_SUCCEEDED:
-            result = await self.read_result(record.job_id)
+            if result is None:
+                result = await self.read_result(record.job_id)
             if result is not None:
                 event.result.CopyFrom(result)
         # In the job's own trace, whoever publishes (the worker, or a canceller).

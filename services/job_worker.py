@@ -597,7 +597,8 @@ class JobWorker:
             if just_read is not None and just_read.record.state == jobs_pb2.JOB_STATE_CANCELLED:
                 return
             with tracing.tracer.start_as_current_span("job.result_write"):
-                await self.store.write_result(job_id, result)
+                if not await self.store.write_result(job_id, result):
+                    result = None  # an earlier attempt's stays the result; the event reads it
 
         def conclude(record: job_record_pb2.JobRecord) -> bool:
             if record.state in TERMINAL_STATES:
@@ -609,7 +610,7 @@ class JobWorker:
 
         stored, concluded = await self.store.transition(job_id, conclude, just_read)
         if concluded:
-            await self.store.publish_event(stored.record)
+            await self.store.publish_event(stored.record, result)
             if self.metrics is not None:
                 record = stored.record
                 run_s = (
