@@ -54,12 +54,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Per-pair rotation frequencies, with Llama-3 long-context scaling when configured.
-
-    Always on the CPU, whatever device is ambient (the loader builds the model under
-    `torch.device(device)`): the tables are computed once in fp32 and moved."""
-    positions = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
-    inv_freq = 1.0 / (theta ** (positions.float() / head_dim))
+    """Per-pair rotation frequencies, with Llama-3 long-context scaling when configured."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
         return inv_freq
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, and the band
@@ -86,8 +82,7 @@ class RotaryEmbedding(nn.Module):
     ):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
-        freqs = torch.outer(positions, inv_freq)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_positions, head_dim]
         self.register_buffer("sin", emb.sin(), persistent=False)

@@ -91,10 +91,13 @@ class _Running:
 
     msg: Msg
     job_id: str
+    lane: Lane
     sequence: int  # the message's stream sequence: the same on every delivery
     replies: list[str]  # every delivery's reply subject, held in the slot until the end
     request_id: str = ""  # the engine request, once the job runs
     cancelled: bool = False
+    # Set once its delivery is settled: a redelivery after that is a message of its own.
+    settled: bool = False
 
 
 class JobWorker:
@@ -139,8 +142,7 @@ class JobWorker:
         self.max_inflight = config.max_batch_inflight or engine.info.max_num_seqs
         # One pull consumer per tier and tenant (the default tenant's are the tier's own).
         self._subs: dict[Lane, JetStreamContext.PullSubscription] = {}
-        self._tasks: dict[asyncio.Task[None], Lane] = {}
-        self._task_jobs: dict[asyncio.Task[None], _Running] = {}
+        self._tasks: dict[asyncio.Task[None], _Running] = {}
         self._num_inflight: collections.Counter[Lane] = collections.Counter()
         self._turn: dict[str, int] = collections.defaultdict(int)  # round robin, per tier
         self._consumers_checked_s = 0.0
@@ -333,7 +335,7 @@ class JobWorker:
         self.slot.hold(msg.reply, job_id)
         sequence = msg.metadata.sequence.stream
         running = self._running.get(job_id) if job_id else None
-        if running is not None and running.sequence == sequence:
+        if running is not None and running.sequence == sequence and not running.settled:
             # Not a second run: that would spend the job's deliveries on a copy of itself.
             running.msg = msg
             running.replies.append(msg.reply)
@@ -343,23 +345,21 @@ class JobWorker:
                 delivery=msg.metadata.num_delivered,
             )
             return
-        running = _Running(msg=msg, job_id=job_id, sequence=sequence, replies=[msg.reply])
-        if job_id and job_id not in self._running:
+        running = _Running(msg, job_id, lane, sequence, replies=[msg.reply])
+        if job_id and (job_id not in self._running or self._running[job_id].settled):
             self._running[job_id] = running
         task = asyncio.create_task(self._run(running, lane[0]))
-        self._tasks[task] = lane
-        self._task_jobs[task] = running
+        self._tasks[task] = running
         self._num_inflight[lane] += 1
         task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
-        lane = self._tasks.pop(task)
-        running = self._task_jobs.pop(task)
+        running = self._tasks.pop(task)
         if self._running.get(running.job_id) is running:
             del self._running[running.job_id]
         for reply in running.replies:
             self.slot.release(reply)
-        self._num_inflight[lane] -= 1
+        self._num_inflight[running.lane] -= 1
         self._room_changed.set()
 
     async def _follow_load(self) -> None:
@@ -403,6 +403,8 @@ class JobWorker:
             log.warning("job attempt failed", error=repr(exc), subject=running.msg.subject)
             with contextlib.suppress(Exception):
                 await running.msg.nak(delay=self._backoff_s(running.msg))
+        finally:
+            running.settled = True
 
     async def _handle(self, running: _Running, tier: str) -> None:
         msg = running.msg
@@ -420,7 +422,7 @@ class JobWorker:
             return
         sequence = msg.metadata.sequence.stream
         if stored.record.state in TERMINAL_STATES:
-            await self._settle_finished(running.msg, stored.record)
+            await self._settle_finished(running, stored.record)
             return
         if msg.metadata.num_delivered > self.config.max_deliver:
             # Every allowed delivery ended without settling: its worker died or stopped.
@@ -457,7 +459,7 @@ class JobWorker:
             stored, claimed = await self.store.transition(job_id, claim, just_read=stored)
         if not claimed:
             if stored.record.state in TERMINAL_STATES:
-                await self._settle_finished(running.msg, stored.record)
+                await self._settle_finished(running, stored.record)
             else:
                 await running.msg.ack()  # a second ticket for a job another message runs
             return
@@ -489,13 +491,13 @@ class JobWorker:
             await running.msg.ack()
             return
         except RequestAbortedError:
-            await self._settle_abort(running.msg, job_id, running)
+            await self._settle_abort(job_id, running)
             return
         except (EngineStoppedError, UnavailableError) as exc:
-            await self._give_back(running.msg, job_id, str(exc))
+            await self._give_back(running, job_id, str(exc))
             return
         except (TransientJobError, RequestFailedError) as exc:
-            await self._retry_or_dead_letter(running.msg, tier, job_id, str(exc))
+            await self._retry_or_dead_letter(running, tier, job_id, str(exc))
             return
         finally:
             heartbeat.cancel()
@@ -507,17 +509,17 @@ class JobWorker:
         await running.msg.ack()
         log.info("job succeeded", job_id=job_id, completion_tokens=outputs[-1].num_output_tokens)
 
-    async def _settle_abort(self, msg: Msg, job_id: str, running: _Running) -> None:
+    async def _settle_abort(self, job_id: str, running: _Running) -> None:
         stored = await self.store.read(job_id)
         if running.cancelled or (
             stored is not None and stored.record.state == jobs_pb2.JOB_STATE_CANCELLED
         ):
-            await msg.ack()  # the canceller wrote the state and the event
+            await running.msg.ack()  # the canceller wrote the state and the event
             log.info("job aborted after cancel", job_id=job_id)
         else:
-            await msg.nak()  # the engine is stopping; another worker takes it
+            await running.msg.nak()  # the engine is stopping; another worker takes it
 
-    async def _give_back(self, msg: Msg, job_id: str, reason: str) -> None:
+    async def _give_back(self, running: _Running, job_id: str, reason: str) -> None:
         """The engine core went away mid-job: queue the job again, not as its failure."""
 
         def requeue(record: job_record_pb2.JobRecord) -> bool:
@@ -529,7 +531,7 @@ class JobWorker:
         with contextlib.suppress(Exception):
             await self.store.transition(job_id, requeue)
         log.warning("job given back", job_id=job_id, retry_in_s=ENGINE_GONE_DELAY_S, error=reason)
-        await msg.nak(delay=ENGINE_GONE_DELAY_S)
+        await running.msg.nak(delay=ENGINE_GONE_DELAY_S)
 
     async def _generate(
         self, request_id: str, tier: str, record: job_record_pb2.JobRecord
@@ -565,7 +567,7 @@ class JobWorker:
 
     # ---- endings -----------------------------------------------------------------
 
-    async def _settle_finished(self, msg: Msg, record: job_record_pb2.JobRecord) -> None:
+    async def _settle_finished(self, running: _Running, record: job_record_pb2.JobRecord) -> None:
         """A message for a job that is already final (cancelled while queued, or
         finished by a worker that died before its ack): drop it once the event is out.
 
@@ -574,14 +576,14 @@ class JobWorker:
         event published here.
         """
         if await self.store.event_published(record):
-            await msg.ack()
+            await running.msg.ack()
             return
         finished_ago_s = (time.time_ns() - record.finished_at.ToNanoseconds()) / 1e9
         if finished_ago_s < self.config.ack_wait_s:
-            await msg.nak(delay=self.config.ack_wait_s)
+            await running.msg.nak(delay=self.config.ack_wait_s)
             return
         await self.store.publish_event(record)
-        await msg.ack()
+        await running.msg.ack()
 
     async def _finish(
         self,
@@ -618,10 +620,12 @@ class JobWorker:
                 ) / 1e9
                 self.metrics.finished(tier_name(record.submission.tier), state, run_s)
 
-    async def _retry_or_dead_letter(self, msg: Msg, tier: str, job_id: str, reason: str) -> None:
-        num_delivered = msg.metadata.num_delivered
+    async def _retry_or_dead_letter(
+        self, running: _Running, tier: str, job_id: str, reason: str
+    ) -> None:
+        num_delivered = running.msg.metadata.num_delivered
         if num_delivered < self.config.max_deliver:
-            delay_s = self._backoff_s(msg)
+            delay_s = self._backoff_s(running.msg)
 
             def requeue(record: job_record_pb2.JobRecord) -> bool:
                 if record.state != jobs_pb2.JOB_STATE_RUNNING:
@@ -638,11 +642,11 @@ class JobWorker:
                 retry_in_s=delay_s,
                 error=reason,
             )
-            await msg.nak(delay=delay_s)
+            await running.msg.nak(delay=delay_s)
             return
         error = f"failed on all {num_delivered} deliveries; last error: {reason}"
         await self._dead_letter(tier, job_id, error, num_delivered)
-        await msg.term()
+        await running.msg.term()
 
     async def _dead_letter(self, tier: str, job_id: str, error: str, num_delivered: int) -> None:
         """Put the job on the dead-letter stream and mark it FAILED with `error`."""
